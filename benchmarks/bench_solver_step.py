@@ -1,0 +1,143 @@
+"""Per-step cost of stepfuse's drop-in schedulers against diffusers' originals.
+
+Both run the same trajectory (``set_timesteps(steps)`` then ``step()`` on a fixed model
+output, as a pipeline calls it with ``return_dict=False``); the time per step includes
+the Python work a user pays.  Effective GB/s counts the bytes the fused step must move
+(inputs read once, outputs written once); on a GPU it is also given as a share of the
+measured copy bandwidth.
+
+    python benchmarks/bench_solver_step.py [--device cuda] [--shapes sdxl wan] [--dtypes fp32 bf16]
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DTYPES, SHAPES, base_parser, copy_bandwidth, format_table, synchronize, write_results  # noqa: E402
+
+import diffusers  # noqa: E402
+
+import stepfuse.schedulers as sf  # noqa: E402
+
+# (label, class name, config): the configurations users run most.
+SCHEDULERS = [
+    ("dpmsolver++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2}),
+    ("dpmsolver++ 3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("sde-dpmsolver++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc bh2 2", "UniPCMultistepScheduler", {"solver_order": 2}),
+    ("unipc bh1 3", "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1"}),
+    ("euler", "EulerDiscreteScheduler", {}),
+    ("euler ancestral", "EulerAncestralDiscreteScheduler", {}),
+    ("heun", "HeunDiscreteScheduler", {}),
+    ("ddim", "DDIMScheduler", {}),
+    ("flow euler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+]
+
+
+def program_bytes(program, numel: int, itemsize: int, hist_itemsize: int) -> int:
+    """Bytes one fused step must move: operands it reads once, slots and sample it writes."""
+    width = program.width
+    rows = [program.row(r) for r in range(len(program.targets))]
+    written, loads = set(), set()
+    reads_x = reads_out = uses_noise = False
+    for target, row in zip(program.targets, rows):
+        reads_x |= row[0] != 0.0
+        reads_out |= row[1] != 0.0
+        uses_noise |= row[width - 1] != 0.0
+        loads |= {s for s in range(program.num_slots) if row[2 + s] != 0.0 and s not in written}
+        if target >= 0:
+            written.add(target)
+    sample_io = int(reads_x) + int(reads_out) + int(uses_noise) + 1
+    return numel * (itemsize * sample_io + hist_itemsize * (len(loads) + len(written)))
+
+
+def time_trajectory(scheduler, sample, model_output, steps: int, device, generator, repeats: int) -> float:
+    """Median seconds per ``step()`` over whole trajectories."""
+    per_step = []
+    # Only stochastic schedulers take a generator; DDIM has no begin index in diffusers.
+    kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for r in range(repeats + 1):  # the first trajectory warms up
+        scheduler.set_timesteps(steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        x = sample
+        synchronize(device)
+        start = time.perf_counter()
+        for t in scheduler.timesteps:
+            x = scheduler.step(model_output, t, x, return_dict=False, **kwargs)[0]
+        synchronize(device)
+        if r:
+            per_step.append((time.perf_counter() - start) / len(scheduler.timesteps))
+    per_step.sort()
+    return per_step[len(per_step) // 2]
+
+
+def mean_step_bytes(scheduler, numel: int, dtype: torch.dtype) -> float:
+    plan = scheduler._plan(0)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    hist = torch.empty((), dtype=scheduler.history_dtype or dtype).element_size()
+    return sum(program_bytes(p, numel, itemsize, hist) for p in plan) / len(plan)
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--schedulers", nargs="+", default=None, help="labels to run (default: all available)")
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    repeats = 3 if args.quick else 10
+    peak = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    for label, cls_name, config in SCHEDULERS:
+        if args.schedulers and label not in args.schedulers:
+            continue
+        if not hasattr(sf, cls_name):
+            print(f"skip {label}: stepfuse.schedulers has no {cls_name} yet")
+            continue
+        for shape_name in args.shapes:
+            shape = SHAPES[shape_name]
+            for dtype_name in args.dtypes:
+                dtype = DTYPES[dtype_name]
+                g = torch.Generator(device=device).manual_seed(0)
+                sample = torch.randn(shape, generator=g, device=device).to(dtype)
+                model_output = torch.randn(shape, generator=g, device=device).to(dtype)
+                ours = getattr(sf, cls_name)(**config)
+                theirs = getattr(diffusers, cls_name).from_config(ours.config)
+                gen = lambda: torch.Generator(device=device).manual_seed(1)  # noqa: E731
+                t_ours = time_trajectory(ours, sample, model_output, args.steps, device, gen(), repeats)
+                t_theirs = time_trajectory(theirs, sample, model_output, args.steps, device, gen(), repeats)
+                nbytes = mean_step_bytes(ours, sample.numel(), dtype)
+                row = {
+                    "scheduler": label,
+                    "shape": shape_name,
+                    "dtype": dtype_name,
+                    "stepfuse_us": round(t_ours * 1e6, 1),
+                    "diffusers_us": round(t_theirs * 1e6, 1),
+                    "speedup": round(t_theirs / t_ours, 2),
+                    "stepfuse_GBps": round(nbytes / t_ours / 1e9, 1),
+                    "diffusers_GBps": round(nbytes / t_theirs / 1e9, 1),
+                }
+                if peak:
+                    row["pct_of_copy_bw"] = round(100 * nbytes / t_ours / peak, 1)
+                rows.append(row)
+                print(format_table([row], list(row)).splitlines()[-1], flush=True)
+    columns = list(rows[0]) if rows else []
+    print()
+    if peak:
+        print(f"device copy bandwidth: {peak / 1e9:.0f} GB/s (read + write)")
+    print(format_table(rows, columns))
+    path = write_results(args.out, "bench_solver_step", device,
+                         {"steps": args.steps, "copy_bandwidth_GBps": peak and peak / 1e9, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Shared benchmark plumbing: device tags, timing, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Latent shapes of widely used models (batch 2 = CFG for the UNets).
+SHAPES = {
+    "sd15": (2, 4, 64, 64),
+    "sdxl": (2, 4, 128, 128),
+    "flux": (1, 4096, 64),
+    "wan": (1, 16, 21, 90, 160),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_tag(device: torch.device) -> str:
+    """A short, file-name-safe name of the machine the numbers come from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace("NVIDIA ", "")).strip("-").lower()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], None], device: torch.device, repeats: int, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn`` in seconds after one warm-up call (device work included)."""
+    fn()
+    synchronize(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second)."""
+    n = nbytes // 4
+    if device.type == "cpu":
+        n //= 16
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * src.numel() * 4 / t
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON results")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke runs)")
+    return p
+
+
+def write_results(out_dir: Path, name: str, device: torch.device, payload: dict) -> Path:
+    out_dir = Path(out_dir) / device_tag(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    meta = {
+        "device": device_tag(device),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    path.write_text(json.dumps({"meta": meta, **payload}, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list, columns: list) -> str:
+    """Fixed-width text table of dict rows."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

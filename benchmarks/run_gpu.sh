@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build the CUDA extension, run the cuda-marked tests
+# and the GPU benchmarks, leave logs and results under $OUT (or ./gpu-out).
+# Usage: bash benchmarks/run_gpu.sh [bench args...]   (wheels for missing packages in .whl/)
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+start=$(date +%s)
+STEPFUSE_CUDA=ON STEPFUSE_CUDA_ARCHITECTURES=${STEPFUSE_CUDA_ARCHITECTURES:-90-real} \
+  python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+repo=$PWD
+cd /tmp
+python3 -m stepfuse.cli info | tee "$OUT/info.txt"
+python3 -m pytest "$repo/tests" -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5
+python3 -m pytest "$repo/tests/test_solver_step.py" "$repo/tests/test_no_sync.py" -q -p no:cacheprovider 2>&1 | tail -3
+python3 "$repo/benchmarks/bench_solver_step.py" --device cuda --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench_solver_step.log" | tail -45

@@ -1,0 +1,206 @@
+// CPU kernel of the fused solver step, compiled once per instruction set: the
+// including file defines STEPFUSE_CPU_ISA (the namespace) and gets its own compiler
+// flags (csrc/cpu/solver_step_<isa>.cpp).  Each thread walks its range in chunks of
+// kChunk elements.  Every row is one pass over the chunk that multiplies-adds only
+// its non-zero columns (unrolled by column count, vectorised over elements), reading
+// fp32 operands in place and half-precision ones from small widened buffers that stay
+// in L1, and writing fp32 results straight to their destination.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "../solver_step.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#ifndef STEPFUSE_CPU_ISA
+#error "define STEPFUSE_CPU_ISA before including solver_step_kernel.h"
+#endif
+
+namespace stepfuse {
+namespace STEPFUSE_CPU_ISA {
+namespace {
+
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kGrain = 16384;
+
+template <typename T>
+inline void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void narrow(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// bfloat16 is the top half of a float: written as integer arithmetic the compiler
+// vectorises these loops, which c10::BFloat16's scalar conversions do not allow.
+template <>
+inline void widen(const at::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(src);
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+template <>
+inline void narrow(const float* __restrict__ src, at::BFloat16* __restrict__ dst, int64_t n) {
+  const auto* in = reinterpret_cast<const uint32_t*>(src);
+  auto* bits = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = in[i];
+    // Round to nearest even; NaNs stay quiet NaNs instead of rounding into infinity.
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    bits[i] = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+  }
+}
+
+#if defined(__F16C__)
+// Eight half-precision values per instruction instead of c10::Half's scalar bit twiddling.
+// Tails go through an 8-wide stack buffer too, so this file calls no c10::Half inline
+// conversion (whose AVX2 build the linker could otherwise share with the baseline kernel).
+template <>
+inline void widen(const at::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  if (i < n) {
+    alignas(16) uint16_t in[8] = {};
+    alignas(32) float out[8];
+    std::memcpy(in, src + i, (n - i) * sizeof(uint16_t));
+    _mm256_store_ps(out, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(in))));
+    std::memcpy(dst + i, out, (n - i) * sizeof(float));
+  }
+}
+
+template <>
+inline void narrow(const float* __restrict__ src, at::Half* __restrict__ dst, int64_t n) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kRound));
+  if (i < n) {
+    alignas(32) float in[8] = {};
+    alignas(16) uint16_t out[8];
+    std::memcpy(in, src + i, (n - i) * sizeof(float));
+    _mm_store_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(_mm256_load_ps(in), kRound));
+    std::memcpy(dst + i, out, (n - i) * sizeof(uint16_t));
+  }
+}
+#endif
+
+inline void fill_philox(const StepProgram& p, int64_t begin, int64_t n, float* __restrict__ dst) {
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t index = begin + i;
+    const Normal4 z = philox_normal4(p.offset + static_cast<uint64_t>(index / 4), p.seed);
+    for (int64_t lane = index % 4; lane < 4 && i < n; ++lane, ++i) dst[i] = z.v[lane];
+  }
+}
+
+// dst[i] = sum_k c[k] * src[k][i] over N columns in one pass.  `dst` may alias a
+// source only element-for-element (each element is read before it is written).
+template <int N>
+void row_pass(float* dst, const float* c, const float* const* src, int64_t n) {
+  std::array<const float*, N> s;
+  std::array<float, N> w;
+  for (int k = 0; k < N; ++k) s[k] = src[k], w[k] = c[k];
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = w[0] * s[0][i];
+    for (int k = 1; k < N; ++k) acc += w[k] * s[k][i];
+    dst[i] = acc;
+  }
+}
+
+using RowPass = void (*)(float*, const float*, const float* const*, int64_t);
+constexpr std::array<RowPass, kMaxWidth + 1> kRowPasses = {
+    nullptr,      &row_pass<1>, &row_pass<2>, &row_pass<3>, &row_pass<4>,  &row_pass<5>,
+    &row_pass<6>, &row_pass<7>, &row_pass<8>, &row_pass<9>, &row_pass<10>, &row_pass<11>};
+
+template <typename scalar_t, typename hist_t>
+void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
+  constexpr bool kSampleFloat = std::is_same_v<scalar_t, float>;
+  constexpr bool kHistFloat = std::is_same_v<hist_t, float>;
+  const scalar_t* x = ops.sample.const_data_ptr<scalar_t>();
+  const scalar_t* out = ops.model_output.const_data_ptr<scalar_t>();
+  const scalar_t* noise = ops.noise ? ops.noise->const_data_ptr<scalar_t>() : nullptr;
+  hist_t* hist = ops.history.data_ptr<hist_t>();
+  scalar_t* next = ops.next_sample.data_ptr<scalar_t>();
+  const int64_t numel = ops.numel;
+
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kMaxWidth][kChunk];
+    alignas(64) float acc[kChunk];
+    const float* col[kMaxWidth] = {};
+    // Point a column at fp32 data in place, or widen it into its buffer.
+    const auto bind = [&](int column, const auto* src, int64_t n) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+      if constexpr (std::is_same_v<T, float>) {
+        col[column] = src;
+      } else {
+        widen(src, buf[column], n);
+        col[column] = buf[column];
+      }
+    };
+    for (int64_t start = begin; start < end; start += kChunk) {
+      const int64_t n = std::min(kChunk, end - start);
+      if (p.reads_sample) bind(kSampleColumn, x + start, n);
+      if (p.reads_model_output) bind(kModelOutputColumn, out + start, n);
+      for (int s = 0; s < p.num_slots; ++s)
+        if (p.load_mask & (1u << s)) bind(slot_column(s), hist + s * numel + start, n);
+      if (p.uses_noise) {
+        if (noise != nullptr) {
+          bind(kNoiseColumn, noise + start, n);
+        } else {
+          fill_philox(p, start, n, buf[kNoiseColumn]);
+          col[kNoiseColumn] = buf[kNoiseColumn];
+        }
+      }
+      for (int r = 0; r < p.num_rows; ++r) {
+        const float* c = p.coeffs + r * kMaxWidth;
+        float nz_coeff[kMaxWidth];
+        const float* nz_src[kMaxWidth];
+        int count = 0;
+        for (int k = 0; k < kMaxWidth; ++k)
+          if (c[k] != 0.f) nz_coeff[count] = c[k], nz_src[count++] = col[k];
+        const int target = p.targets[r];
+        float* dst = acc;
+        if (target < 0 && kSampleFloat) dst = reinterpret_cast<float*>(next + start);
+        if (target >= 0 && kHistFloat) dst = reinterpret_cast<float*>(hist + target * numel + start);
+        if (count == 0)
+          for (int64_t i = 0; i < n; ++i) dst[i] = 0.f;
+        else
+          kRowPasses[count](dst, nz_coeff, nz_src, n);
+        if (target < 0) {
+          if (!kSampleFloat) narrow(acc, next + start, n);
+        } else if (kHistFloat) {
+          col[slot_column(target)] = dst;  // later rows read the stored fp32 value in place
+        } else {
+          // Later rows read the slot as stored, rounded to the history dtype.
+          hist_t* slot = hist + target * numel + start;
+          narrow(acc, slot, n);
+          if (p.reread_rows & (1u << r)) {
+            widen(slot, buf[slot_column(target)], n);
+            col[slot_column(target)] = buf[slot_column(target)];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void launch_solver_step_cpu(const StepProgram& program, StepOperands& ops) {
+  SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "solver_step",
+                         [&] { solver_step_cpu_kernel<scalar_t, hist_t>(program, ops); });
+}
+
+}  // namespace STEPFUSE_CPU_ISA
+}  // namespace stepfuse

@@ -1,0 +1,13 @@
+"""stepfuse: fused, training-free fast sampling for diffusion and flow-matching models."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.stepfuse.*)
+from . import ops  # noqa: F401  (fake impls for torch.compile)
+from ._build import build_info
+
+__version__ = _C.build_info["version"]
+
+__all__ = ["build_info", "__version__"]

@@ -1,0 +1,33 @@
+"""What was built and what this process can use."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import _C
+
+
+def registered_ops() -> list[str]:
+    """Names of the ``torch.ops.stepfuse`` operators this build registered."""
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted(name.split("::", 1)[1] for name in names if name.startswith("stepfuse::"))
+
+
+def build_info() -> dict:
+    """Versions, compiled backends and what the current process can run."""
+    built = dict(_C.build_info)
+    return {
+        "stepfuse": built["version"],
+        "torch": torch.__version__,
+        "torch_built_against": built["torch_version"],
+        "cuda_kernels": built["cuda_kernels"],
+        "cuda_version": built["cuda_version"],
+        "cuda_architectures": built["cuda_architectures"],
+        "gpu_visible": torch.cuda.is_available(),
+        "gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": importlib.util.find_spec("triton") is not None,
+        "compiler": built.get("compiler"),
+        "ops": registered_ops(),
+    }

@@ -1,0 +1,191 @@
+"""Runtime shared by stepfuse's drop-in diffusers schedulers.
+
+A scheduler computes its schedule in float64 when timesteps are set and turns it
+into one :class:`~stepfuse.solvers.program.StepProgram` per step (its *plan*).
+``step()`` then only does host bookkeeping and calls the fused op once: no
+coefficient math on tensors and no device-to-host synchronisation (the single
+exception is diffusers' own timestep lookup on the very first step when no begin
+index was set, which reads the timestep's value).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..ops import solver_step
+from ..ref.philox import philox_blocks
+from ..solvers.program import OUTPUT, StepProgram
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+class LazyStepTuple(tuple):
+    """``(prev_sample, pred_original_sample)`` whose second entry is computed only when read.
+
+    Pipelines call ``step(..., return_dict=False)[0]``; computing the data prediction
+    for them would be a wasted pass over the latent.
+    """
+
+    def __new__(cls, prev_sample: torch.Tensor, pred_original: Callable[[], torch.Tensor]):
+        self = super().__new__(cls, (prev_sample, pred_original))
+        self._cache = None
+        return self
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        value = super().__getitem__(index)
+        if callable(value):
+            if self._cache is None:
+                self._cache = value()
+            return self._cache
+        return value
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
+    """Plan cache, history ring, step index and the fused ``step`` shared by all drop-ins.
+
+    Subclasses set ``timesteps``, ``sigmas`` and ``num_inference_steps`` in
+    ``set_timesteps``, call :meth:`_reset_run`, and implement :meth:`_build_plan`.
+    """
+
+    order = 1
+    #: Set to True to reject non-finite model outputs (costs one host sync per step).
+    check_finite: bool = False
+    #: History ring dtype; ``None`` keeps the sample's dtype (as diffusers does).
+    history_dtype: Optional[torch.dtype] = None
+    #: When set, noise is drawn inside the kernel from Philox(seed, offset) instead of ``generator``.
+    philox_seed: Optional[int] = None
+
+    def _reset_run(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+        self._plan_cache: dict[int, list] = {}
+        self._history: Optional[torch.Tensor] = None
+        self._philox_offset = 0
+        self._timesteps_host = self.timesteps.detach().to("cpu") if self.timesteps is not None else None
+
+    # -- diffusers' step-index protocol ----------------------------------------------------
+    @property
+    def step_index(self):
+        """Index of the step the next ``step()`` call takes."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """First step index, set by pipelines through :meth:`set_begin_index` (img2img)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
+        """Index of ``timestep`` in the schedule; with duplicates the second one, as diffusers."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self._timesteps_host
+        schedule_timesteps = schedule_timesteps.detach().to("cpu")
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.detach().to("cpu")
+        candidates = (schedule_timesteps == timestep).nonzero()
+        if len(candidates) == 0:
+            return len(schedule_timesteps) - 1
+        return int(candidates[1 if len(candidates) > 1 else 0])
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+
+    # -- the plan ----------------------------------------------------------------------------
+    def _build_plan(self, start_index: int) -> list:
+        """One StepProgram per step index (``None`` before ``start_index``); float64 host math."""
+        raise NotImplementedError
+
+    def _plan(self, start_index: int) -> list:
+        plan = self._plan_cache.get(start_index)
+        if plan is None:
+            plan = self._plan_cache[start_index] = self._build_plan(start_index)
+        return plan
+
+    def _history_for(self, sample: torch.Tensor, num_slots: int) -> torch.Tensor:
+        dtype = self.history_dtype or sample.dtype
+        shape = (num_slots, *sample.shape)
+        h = self._history
+        if h is None or h.shape != shape or h.dtype != dtype or h.device != sample.device:
+            if h is not None and self._step_index is not None and self._step_index > self._run_start:
+                raise ValueError(
+                    f"sample changed shape/dtype/device mid-run (history {tuple(h.shape)} {h.dtype} {h.device}, "
+                    f"sample {tuple(sample.shape)} {sample.dtype} {sample.device}); call set_timesteps first"
+                )
+            h = self._history = torch.zeros(shape, dtype=dtype, device=sample.device)
+        return h
+
+    # -- the fused step ----------------------------------------------------------------------
+    def _begin_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        if not isinstance(model_output, torch.Tensor):
+            raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            self._run_start = self._step_index
+        if self.check_finite and not bool(torch.isfinite(model_output).all()):
+            raise ValueError(f"model_output has non-finite values at step {self._step_index}")
+        return self._step_index
+
+    def _program_at(self, index: int) -> StepProgram:
+        plan = self._plan(self._run_start)
+        if index >= len(plan):
+            raise ValueError(
+                f"step index {index} is past the schedule of {len(plan)} steps; call set_timesteps for a new run"
+            )
+        return plan[index]
+
+    def _noise_for(self, program: StepProgram, sample: torch.Tensor, generator, variance_noise=None):
+        """Noise tensor for a stochastic program, drawn like diffusers (``randn_tensor`` on ``generator``)."""
+        if not program.uses_noise or self.philox_seed is not None:
+            return None
+        if variance_noise is not None:
+            if variance_noise.shape != sample.shape:
+                raise ValueError(f"variance_noise must have shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}")
+            return variance_noise.to(device=sample.device, dtype=sample.dtype)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=self._noise_dtype(sample))
+        return noise.to(sample.dtype)
+
+    def _noise_dtype(self, sample: torch.Tensor) -> torch.dtype:
+        return sample.dtype
+
+    def _run(self, program: StepProgram, model_output, sample, noise=None, history=None) -> torch.Tensor:
+        """Run ``program``; ``history`` replaces the scheduler's ring (an operand computed this step)."""
+        if history is None:
+            history = self._history_for(sample, program.num_slots)
+        seed = offset = 0
+        if program.uses_noise and noise is None:
+            if self.philox_seed is None:
+                raise ValueError("a stochastic step needs noise: pass generator/variance_noise or set philox_seed")
+            seed, offset = int(self.philox_seed), self._philox_offset
+            self._philox_offset += philox_blocks(sample.numel())
+        return solver_step(sample, model_output, history, program, noise, seed, offset)
+
+    def _data_prediction(self, sample: torch.Tensor, model_output: torch.Tensor, p: float, q: float) -> torch.Tensor:
+        """``p * sample + q * model_output`` through the fused op (the ``pred_original_sample`` output)."""
+        program = StepProgram.build(0, [(OUTPUT, {"x": p, "out": q})])
+        empty = sample.new_empty((0, *sample.shape))
+        return solver_step(sample, model_output, empty, program)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
