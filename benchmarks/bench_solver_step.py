@@ -2,9 +2,11 @@
 
 Both run the same trajectory (``set_timesteps(steps)`` then ``step()`` on a fixed model
 output, as a pipeline calls it with ``return_dict=False``); the time per step includes
-the Python work a user pays.  Effective GB/s counts the bytes the fused step must move
-(inputs read once, outputs written once); on a GPU it is also given as a share of the
-measured copy bandwidth.
+the Python work a user pays per step (``scale_model_input`` + ``step``; for stepfuse also
+building the plan at the first step).
+Effective GB/s counts the bytes the fused step must move (inputs read once, outputs
+written once).  ``kernel_*`` columns time the fused op alone on a mid-trajectory
+program; on a GPU its bandwidth is also given as a share of the measured copy bandwidth.
 
     python benchmarks/bench_solver_step.py [--device cuda] [--shapes sdxl wan] [--dtypes fp32 bf16]
 """
@@ -19,11 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, SHAPES, base_parser, copy_bandwidth, format_table, synchronize, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, SHAPES, base_parser, copy_bandwidth, device_time, format_table, synchronize, write_results,
+)
 
 import diffusers  # noqa: E402
 
 import stepfuse.schedulers as sf  # noqa: E402
+from stepfuse.ops import solver_step  # noqa: E402
 
 # (label, class name, config): the configurations users run most.
 SCHEDULERS = [
@@ -62,6 +67,7 @@ def time_trajectory(scheduler, sample, model_output, steps: int, device, generat
     per_step = []
     # Only stochastic schedulers take a generator; DDIM has no begin index in diffusers.
     kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     for r in range(repeats + 1):  # the first trajectory warms up
         scheduler.set_timesteps(steps, device=device)
         if hasattr(scheduler, "set_begin_index"):
@@ -70,6 +76,8 @@ def time_trajectory(scheduler, sample, model_output, steps: int, device, generat
         synchronize(device)
         start = time.perf_counter()
         for t in scheduler.timesteps:
+            # A pipeline calls both per step (diffusers' flow scheduler has no scale_model_input).
+            scale(x, t)
             x = scheduler.step(model_output, t, x, return_dict=False, **kwargs)[0]
         synchronize(device)
         if r:
@@ -78,11 +86,25 @@ def time_trajectory(scheduler, sample, model_output, steps: int, device, generat
     return per_step[len(per_step) // 2]
 
 
-def mean_step_bytes(scheduler, numel: int, dtype: torch.dtype) -> float:
-    plan = scheduler._plan(0)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    hist = torch.empty((), dtype=scheduler.history_dtype or dtype).element_size()
-    return sum(program_bytes(p, numel, itemsize, hist) for p in plan) / len(plan)
+def executed_programs(scheduler, sample, model_output, steps: int, device) -> list:
+    """The StepPrograms one trajectory runs, in order."""
+    scheduler.set_timesteps(steps, device=device)
+    kwargs = {"generator": torch.Generator(device=device).manual_seed(0)} \
+        if "generator" in inspect.signature(scheduler.step).parameters else {}
+    programs, x = [], sample
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
+    for t in scheduler.timesteps:
+        scale(x, t)
+        x = scheduler.step(model_output, t, x, return_dict=False, **kwargs)[0]
+        programs.append(scheduler.last_program)
+    return programs
+
+
+def kernel_time(program, sample, model_output, history_dtype, device, repeats: int) -> float:
+    """Median seconds of the fused op alone running ``program``."""
+    history = torch.zeros((program.num_slots, *sample.shape), dtype=history_dtype, device=device)
+    noise = torch.randn_like(sample) if program.uses_noise else None
+    return device_time(lambda: solver_step(sample, model_output, history, program, noise), device)
 
 
 def main() -> None:
@@ -114,7 +136,14 @@ def main() -> None:
                 gen = lambda: torch.Generator(device=device).manual_seed(1)  # noqa: E731
                 t_ours = time_trajectory(ours, sample, model_output, args.steps, device, gen(), repeats)
                 t_theirs = time_trajectory(theirs, sample, model_output, args.steps, device, gen(), repeats)
-                nbytes = mean_step_bytes(ours, sample.numel(), dtype)
+                programs = executed_programs(ours, sample, model_output, args.steps, device)
+                hist_dtype = ours.history_dtype or dtype
+                item, hist_item = sample.element_size(), torch.empty((), dtype=hist_dtype).element_size()
+                sizes = [program_bytes(q, sample.numel(), item, hist_item) for q in programs]
+                nbytes = sum(sizes) / len(sizes)
+                mid = len(programs) // 2
+                t_kernel = kernel_time(programs[mid], sample, model_output, hist_dtype, device, repeats)
+                kernel_bytes = sizes[mid]
                 row = {
                     "scheduler": label,
                     "shape": shape_name,
@@ -125,8 +154,10 @@ def main() -> None:
                     "stepfuse_GBps": round(nbytes / t_ours / 1e9, 1),
                     "diffusers_GBps": round(nbytes / t_theirs / 1e9, 1),
                 }
+                row["kernel_us"] = round(t_kernel * 1e6, 1)
+                row["kernel_GBps"] = round(kernel_bytes / t_kernel / 1e9, 1)
                 if peak:
-                    row["pct_of_copy_bw"] = round(100 * nbytes / t_ours / peak, 1)
+                    row["kernel_pct_of_copy_bw"] = round(100 * kernel_bytes / t_kernel / peak, 1)
                 rows.append(row)
                 print(format_table([row], list(row)).splitlines()[-1], flush=True)
     columns = list(rows[0]) if rows else []

@@ -11,7 +11,8 @@ Setup choices, each needed for the asymptotic regime to show at 20-160 steps:
   lambda-length stays O(1) until n is in the hundreds.
 * Every run stops one ``step`` early, at sigma_min, and is compared there: the last step of a
   "zero"-terminated schedule jumps from the fixed sigma_min to 0 (it returns D(x, sigma_min)),
-  an O(sigma_min^2) error that does not shrink with the number of steps.
+  an O(sigma_min^2) error that does not shrink with the number of steps.  (For UniPC the state
+  compared is the last predictor's: UniC-corrected up to the step before, so still order p + 1.)
 * ``default_gmm``: overlapping components (see its docstring for why).
 """
 
@@ -26,8 +27,9 @@ from stepfuse.testing.accuracy import default_gmm, empirical_order, run_trajecto
 
 STEPS = (20, 40, 80, 160)
 ORDER_SLACK = 0.35
-# fp32 rounding of the sample over 160 steps (|x| ~ 2, eps_32 ~ 6e-8): below it errors are noise.
-PARITY_RTOL, PARITY_ATOL = 0.01, 2e-7
+# Below ~5e-7 errors are fp32 rounding noise: over 160 steps diffusers' own fp32 and float64 runs
+# differ by up to 1.5e-7 here (unipc 3 reaches 3e-6).
+PARITY_RTOL, PARITY_ATOL = 0.01, 5e-7
 
 KARRAS = {"use_karras_sigmas": True}
 NO_CORRECTOR = {"disable_corrector": list(range(max(STEPS)))}
@@ -43,11 +45,12 @@ CASES = [
     ("dpm++2m-heun", "DPMSolverMultistepScheduler", {**KARRAS, "solver_order": 2, "solver_type": "heun"}, 2),
     ("dpmsolver-2m", "DPMSolverMultistepScheduler",
      {**KARRAS, "solver_order": 2, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, 2),
-    # Theory says 3, but diffusers' 3M update (like the reference DPM-Solver code it follows)
-    # weights D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0''/2 with phi_2/h - 1/2, while the Taylor
-    # integral needs 2 (phi_2/h - 1/2) for that D2 (DPM-Solver++, Lu et al. 2022, eq. 14-15):
-    # an O(h^3) local error, so the method is second order.  Doubling that weight gives a
-    # measured order of 3.0 on this problem.  stepfuse keeps diffusers' coefficients (parity).
+    # Theory says 3, but diffusers' 3M update (like the reference DPM-Solver code and
+    # k-diffusion's dpmpp_3m_sde) weights D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0''/2 by
+    # phi_2/h - 1/2, while the Taylor expansion of the exponential integral (DPM-Solver,
+    # Lu et al. 2022, Sec. 3) needs twice that for this D2: an O(h^3) local error, so the
+    # method is second order.  stepfuse keeps diffusers' coefficients (parity); the test
+    # below shows that doubling the weight restores order 3.
     ("dpm++3m", "DPMSolverMultistepScheduler", {**KARRAS, "solver_order": 3}, 2),
     ("dpmsolver-3m", "DPMSolverMultistepScheduler",
      {**KARRAS, "solver_order": 3, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, 2),
@@ -149,7 +152,7 @@ def test_ve_and_vp_families_agree(gmm, reference_cache):
     b = run_trajectory(dpm(**KARRAS, solver_order=1), gmm, 30, skip_final_step=True, cache=reference_cache)
     assert a.sigma_start == pytest.approx(b.sigma_start) and a.sigma_end == pytest.approx(b.sigma_end)
     assert a.error == pytest.approx(b.error, rel=1e-3)
-    torch.testing.assert_close(a.reference, b.reference, rtol=0, atol=0)
+    torch.testing.assert_close(a.reference, b.reference, rtol=0, atol=1e-8)
 
 
 def test_empirical_order():

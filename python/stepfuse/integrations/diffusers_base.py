@@ -10,6 +10,7 @@ index was set, which reads the timestep's value).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -62,12 +63,34 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
+
+    def __init_subclass__(cls, **kwargs):
+        # Build the plan for a run from the first step as part of set_timesteps (DESIGN.md:
+        # coefficients are computed when timesteps are set); other begin indices build
+        # theirs at their first step.
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("set_timesteps")
+        if method is None or getattr(method, "_builds_plan", False):
+            return
+
+        @functools.wraps(method)
+        def set_timesteps(self, *args, **kw):
+            result = method(self, *args, **kw)
+            if type(self)._build_plan is not FusedSchedulerMixin._build_plan:
+                self._plan(0)
+            return result
+
+        set_timesteps._builds_plan = True
+        cls.set_timesteps = set_timesteps
+
     #: Set to True to reject non-finite model outputs (costs one host sync per step).
     check_finite: bool = False
     #: History ring dtype; ``None`` keeps the sample's dtype (as diffusers does).
     history_dtype: Optional[torch.dtype] = None
     #: When set, noise is drawn inside the kernel from Philox(seed, offset) instead of ``generator``.
     philox_seed: Optional[int] = None
+    #: The StepProgram the last ``step()`` ran (for inspection and benchmarks).
+    last_program: Optional[StepProgram] = None
 
     def _reset_run(self) -> None:
         self._step_index = None
@@ -173,6 +196,7 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
         """Run ``program``; ``history`` replaces the scheduler's ring (an operand computed this step)."""
         if history is None:
             history = self._history_for(sample, program.num_slots)
+        self.last_program = program
         seed = offset = 0
         if program.uses_noise and noise is None:
             if self.philox_seed is None:
