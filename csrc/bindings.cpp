@@ -3,6 +3,7 @@
 // the same shared object.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
 
 #include <vector>
@@ -29,6 +30,15 @@ at::Tensor solver_step_fast(const at::Tensor& sample, const at::Tensor& model_ou
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::ArrayRef<double>,
                             at::IntArrayRef, const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(sample, model_output, history, program.coeffs, program.targets, noise, seed, offset);
+}
+
+// c10 errors become the Python exceptions torch.ops would raise (ValueError, TypeError, ...).
+at::Tensor solver_step_py(const at::Tensor& sample, const at::Tensor& model_output, at::Tensor& history,
+                          const ProgramHandle& program, const std::optional<at::Tensor>& noise, int64_t seed,
+                          int64_t offset) {
+  HANDLE_TH_ERRORS
+  return solver_step_fast(sample, model_output, history, program, noise, seed, offset);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 }  // namespace
@@ -66,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ProgramHandle>(m, "ProgramHandle")
       .def(py::init<std::vector<double>, std::vector<int64_t>>(), py::arg("coeffs"), py::arg("targets"));
-  m.def("solver_step", &solver_step_fast, py::arg("sample"), py::arg("model_output"), py::arg("history"),
+  m.def("solver_step", &solver_step_py, py::arg("sample"), py::arg("model_output"), py::arg("history"),
         py::arg("program"), py::arg("noise") = py::none(), py::arg("seed") = 0, py::arg("offset") = 0,
         "Eager fast path of torch.ops.stepfuse.solver_step for a pre-converted program.");
 }

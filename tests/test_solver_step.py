@@ -42,6 +42,18 @@ def heun_like_program() -> StepProgram:
     )
 
 
+def wide_program() -> StepProgram:
+    """More than four slots (the wide kernel variant), a re-read slot and noise."""
+    return StepProgram.build(
+        6,
+        [
+            (5, {"x": 0.7, "out": 0.2, 4: 0.1}),
+            (2, {5: 0.5, 0: 0.25, 3: -0.125}),
+            (OUTPUT, {"x": 0.5, 1: 0.1, 2: 0.2, 4: -0.3, 5: 0.05, "noise": 0.01}),
+        ],
+    )
+
+
 def make_operands(shape, dtype, device, slots, history_dtype=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -54,7 +66,7 @@ def make_operands(shape, dtype, device, slots, history_dtype=None, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("program_fn", [dpm2_program, heun_like_program])
+@pytest.mark.parametrize("program_fn", [dpm2_program, heun_like_program, wide_program])
 def test_solver_step_matches_reference(device, dtype, shape, program_fn):
     program = program_fn()
     x, out, history, noise = make_operands(shape, dtype, device, program.num_slots)

@@ -26,8 +26,10 @@ __device__ __forceinline__ void load_pack(const T* __restrict__ src, float (&dst
 }
 
 
-template <typename scalar_t, typename hist_t, int kVec>
-__global__ void __launch_bounds__(256, 2) solver_step_kernel(const StepProgram p, const scalar_t* __restrict__ x,
+// kSlots bounds the history slots the kernel handles (4 covers solvers up to third
+// order; 8 the rest): registers, and so occupancy, scale with it.
+template <typename scalar_t, typename hist_t, int kVec, int kSlots>
+__global__ void __launch_bounds__(256) solver_step_kernel(const StepProgram p, const scalar_t* __restrict__ x,
                                                           const scalar_t* __restrict__ out, hist_t* __restrict__ hist,
                                                           const scalar_t* __restrict__ noise,
                                                           scalar_t* __restrict__ next, int64_t numel) {
@@ -39,12 +41,12 @@ __global__ void __launch_bounds__(256, 2) solver_step_kernel(const StepProgram p
     // Issue every load of the vector before any arithmetic; operands stay packed in
     // their storage dtype (half the registers of widened copies for 16-bit types).
     Pack<scalar_t, kVec> px{}, po{};
-    Pack<hist_t, kVec> slot[kMaxSlots];
+    Pack<hist_t, kVec> slot[kSlots];
     float z[kVec];
     if (p.reads_sample) px = *reinterpret_cast<const Pack<scalar_t, kVec>*>(x + base);
     if (p.reads_model_output) po = *reinterpret_cast<const Pack<scalar_t, kVec>*>(out + base);
 #pragma unroll
-    for (int s = 0; s < kMaxSlots; ++s)
+    for (int s = 0; s < kSlots; ++s)
       if (p.load_mask & (1u << s)) slot[s] = *reinterpret_cast<const Pack<hist_t, kVec>*>(hist + s * numel + base);
     if (p.uses_noise) {
       if (noise != nullptr) {
@@ -62,22 +64,22 @@ __global__ void __launch_bounds__(256, 2) solver_step_kernel(const StepProgram p
     Pack<scalar_t, kVec> result;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      float element[kMaxWidth];
+      float element[kSlots + 3];
       element[kSampleColumn] = p.reads_sample ? static_cast<float>(px.v[e]) : 0.f;
       element[kModelOutputColumn] = p.reads_model_output ? static_cast<float>(po.v[e]) : 0.f;
 #pragma unroll
-      for (int s = 0; s < kMaxSlots; ++s)
+      for (int s = 0; s < kSlots; ++s)
         element[slot_column(s)] = (p.load_mask & (1u << s)) ? static_cast<float>(slot[s].v[e]) : 0.f;
-      element[kNoiseColumn] = p.uses_noise ? z[e] : 0.f;
-      result.v[e] = static_cast<scalar_t>(
-          evaluate_rows(p, element, [](float value) { return static_cast<float>(static_cast<hist_t>(value)); }));
+      element[kSlots + 2] = p.uses_noise ? z[e] : 0.f;
+      result.v[e] = static_cast<scalar_t>(evaluate_rows<kSlots>(
+          p, element, [](float value) { return static_cast<float>(static_cast<hist_t>(value)); }));
 #pragma unroll
-      for (int s = 0; s < kMaxSlots; ++s)
+      for (int s = 0; s < kSlots; ++s)
         if (p.store_mask & (1u << s)) slot[s].v[e] = static_cast<hist_t>(element[slot_column(s)]);
     }
     *reinterpret_cast<Pack<scalar_t, kVec>*>(next + base) = result;
 #pragma unroll
-    for (int s = 0; s < kMaxSlots; ++s)
+    for (int s = 0; s < kSlots; ++s)
       if (p.store_mask & (1u << s)) *reinterpret_cast<Pack<hist_t, kVec>*>(hist + s * numel + base) = slot[s];
   }
 }
@@ -103,10 +105,12 @@ void launch_solver_step(const StepProgram& p, StepOperands& ops) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, sms * 32)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(p, x, out, hist, noise, next, numel); };
+  const bool few_slots = p.num_slots <= 4;
   if (vectorised)
-    solver_step_kernel<scalar_t, hist_t, kVec><<<blocks, kThreads, 0, stream>>>(p, x, out, hist, noise, next, numel);
+    few_slots ? launch(solver_step_kernel<scalar_t, hist_t, kVec, 4>) : launch(solver_step_kernel<scalar_t, hist_t, kVec, 8>);
   else
-    solver_step_kernel<scalar_t, hist_t, 1><<<blocks, kThreads, 0, stream>>>(p, x, out, hist, noise, next, numel);
+    few_slots ? launch(solver_step_kernel<scalar_t, hist_t, 1, 4>) : launch(solver_step_kernel<scalar_t, hist_t, 1, 8>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -42,13 +42,14 @@ constexpr int kModelOutputColumn = 1;
 constexpr int kNoiseColumn = kMaxWidth - 1;
 SF_HOST_DEVICE constexpr int slot_column(int slot) { return 2 + slot; }
 
-// Evaluates all rows for one element.  `v` holds the operands in the padded column
-// order, zero where unused (slots already loaded where load_mask says so); slot entries are updated as rows
-// write them, passing through `round_slot` so later rows see the stored value.
-// Fully unrolled over the compile-time maxima: with run-time trip counts a CUDA
-// register array would be demoted to local memory.
-template <typename RoundSlot>
-SF_HOST_DEVICE inline float evaluate_rows(const StepProgram& p, float (&v)[kMaxWidth], RoundSlot round_slot) {
+// Evaluates all rows for one element.  `v` holds the operands a kernel built for at
+// most kSlots slots keeps: x, model output, kSlots slot values (as loaded where
+// load_mask says so), noise.  Slot entries are updated as rows write them, passing
+// through `round_slot` so later rows see the stored value.  Fully unrolled over
+// compile-time bounds: with run-time trip counts a CUDA register array would be
+// demoted to local memory.
+template <int kSlots, typename RoundSlot>
+SF_HOST_DEVICE inline float evaluate_rows(const StepProgram& p, float (&v)[kSlots + 3], RoundSlot round_slot) {
   float result = 0.f;
 #pragma unroll
   for (int r = 0; r < kMaxRows; ++r) {
@@ -56,13 +57,14 @@ SF_HOST_DEVICE inline float evaluate_rows(const StepProgram& p, float (&v)[kMaxW
       const float* c = p.coeffs + r * kMaxWidth;
       float acc = 0.f;
 #pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k) acc = SF_FMA(c[k], v[k], acc);
+      for (int k = 0; k < kSlots + 2; ++k) acc = SF_FMA(c[k], v[k], acc);
+      acc = SF_FMA(c[kNoiseColumn], v[kSlots + 2], acc);
       const int target = p.targets[r];
       if (target < 0) {
         result = acc;
       } else {
 #pragma unroll
-        for (int s = 0; s < kMaxSlots; ++s)
+        for (int s = 0; s < kSlots; ++s)
           if (s == target) v[slot_column(s)] = round_slot(acc);
       }
     }

@@ -77,6 +77,7 @@ def assert_scheduler_parity(
     begin_index: Optional[int] = None,
     model: Callable = smooth_model,
     step_kwargs: Optional[dict] = None,
+    device: str = "cpu",
 ) -> None:
     """Run diffusers' scheduler and stepfuse's with the same model over a whole trajectory.
 
@@ -86,7 +87,7 @@ def assert_scheduler_parity(
     """
     ours = ours_cls(**config)
     theirs = theirs_cls.from_config(ours.config)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     run = dict(num_inference_steps=num_inference_steps, seed=seed, model=model,
                set_timesteps_kwargs=set_timesteps_kwargs, begin_index=begin_index, step_kwargs=step_kwargs)
     assert torch.equal(_timesteps_after(ours, num_inference_steps, set_timesteps_kwargs),
