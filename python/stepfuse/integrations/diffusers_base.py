@@ -205,11 +205,19 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
             self._philox_offset += philox_blocks(sample.numel())
         return solver_step(sample, model_output, history, program, noise, seed, offset)
 
-    def _data_prediction(self, sample: torch.Tensor, model_output: torch.Tensor, p: float, q: float) -> torch.Tensor:
-        """``p * sample + q * model_output`` through the fused op (the ``pred_original_sample`` output)."""
-        program = StepProgram.build(0, [(OUTPUT, {"x": p, "out": q})])
+    def _data_prediction(self, sample: torch.Tensor, model_output: torch.Tensor, p: float, q: float,
+                         noise_coeff: float = 0.0, noise: Optional[torch.Tensor] = None,
+                         philox_offset: int = 0) -> torch.Tensor:
+        """``p * sample + q * model_output (+ noise_coeff * z)`` through the fused op.
+
+        The ``pred_original_sample`` output; ``z`` is a step's own noise (``noise``, or its
+        Philox draw, which the same seed and offset reproduce exactly).
+        """
+        terms = {"x": p, "out": q, "noise": noise_coeff} if noise_coeff else {"x": p, "out": q}
+        program = StepProgram.build(0, [(OUTPUT, terms)])
         empty = sample.new_empty((0, *sample.shape))
-        return solver_step(sample, model_output, empty, program)
+        seed = int(self.philox_seed or 0)
+        return solver_step(sample, model_output, empty, program, noise, seed, philox_offset)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -17,8 +17,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import schedules
-from ..ops import solver_step
-from ..solvers.program import OUTPUT, StepProgram
+from ..solvers.program import StepProgram
 from .diffusers_base import LazyStepTuple, check_choice
 from .vp import VPScheduleMixin
 
@@ -117,15 +116,8 @@ class KarrasScheduleMixin(VPScheduleMixin):
 
     def _pred_original(self, sample, model_output, p: float, q: float, noise_coeff: float = 0.0,
                        noise: Optional[torch.Tensor] = None, philox_offset: int = 0) -> torch.Tensor:
-        """``p * sample + q * model_output + noise_coeff * z`` with the step's own noise ``z``.
-
-        In-kernel (Philox) noise is counter-based: the same (seed, offset) redraws it exactly.
-        """
-        if not noise_coeff:
-            return self._data_prediction(sample, model_output, p, q)
-        program = StepProgram.build(0, [(OUTPUT, {"x": p, "out": q, "noise": noise_coeff})])
-        empty = sample.new_empty((0, *sample.shape))
-        return solver_step(sample, model_output, empty, program, noise, int(self.philox_seed or 0), philox_offset)
+        """The data prediction, including the churn noise the step added to the sample."""
+        return self._data_prediction(sample, model_output, p, q, noise_coeff, noise, philox_offset)
 
     def _finish(self, prev_sample: torch.Tensor, pred_original: Callable[[], torch.Tensor], output_cls,
                 return_dict: bool, dtype: torch.dtype):
