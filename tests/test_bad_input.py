@@ -116,3 +116,16 @@ def test_unknown_config_value(name, key, value):
 def test_bad_num_inference_steps(name, steps):
     with pytest.raises(ValueError, match="num_inference_steps"):
         getattr(sf, name)().set_timesteps(steps)
+
+
+def test_variance_noise_wins_over_philox_seed():
+    """A caller's variance_noise is used even when in-kernel noise is configured."""
+    x = torch.randn(1, 4, 8, 8)
+    noise = torch.randn(1, 4, 8, 8)
+    runs = []
+    for philox_seed in (None, 123):
+        scheduler = sf.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+        scheduler.philox_seed = philox_seed
+        scheduler.set_timesteps(4)
+        runs.append(scheduler.step(torch.tanh(x), scheduler.timesteps[0], x, variance_noise=noise).prev_sample)
+    torch.testing.assert_close(runs[0], runs[1])

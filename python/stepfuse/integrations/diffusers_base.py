@@ -180,12 +180,14 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _noise_for(self, program: StepProgram, sample: torch.Tensor, generator, variance_noise=None):
         """Noise tensor for a stochastic program, drawn like diffusers (``randn_tensor`` on ``generator``)."""
-        if not program.uses_noise or self.philox_seed is not None:
+        if not program.uses_noise:
             return None
-        if variance_noise is not None:
+        if variance_noise is not None:  # the caller's noise wins over any generator
             if variance_noise.shape != sample.shape:
                 raise ValueError(f"variance_noise must have shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}")
             return variance_noise.to(device=sample.device, dtype=sample.dtype)
+        if self.philox_seed is not None:
+            return None
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=self._noise_dtype(sample))
         return noise.to(sample.dtype)
 
