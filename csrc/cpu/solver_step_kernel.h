@@ -123,6 +123,84 @@ constexpr std::array<RowPass, kMaxWidth + 1> kRowPasses = {
     nullptr,      &row_pass<1>, &row_pass<2>, &row_pass<3>, &row_pass<4>,  &row_pass<5>,
     &row_pass<6>, &row_pass<7>, &row_pass<8>, &row_pass<9>, &row_pass<10>, &row_pass<11>};
 
+// Direct path: when every operand a row touches is stored in one dtype (fp32, or bf16
+// with a bf16 history) each row is a single pass that reads its sources in place and
+// converts in registers, instead of widening them into buffers first.
+inline float load_element(float v) { return v; }
+inline float load_element(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void store_element(float v, float* dst) { *dst = v; }
+inline void store_element(float v, at::BFloat16* dst) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  // Round to nearest even; NaNs stay quiet NaNs (as the buffered narrow above).
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  dst->x = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+template <typename T, int N>
+void direct_row_pass(T* dst, const float* c, const T* const* src, int64_t n) {
+  std::array<const T*, N> s;
+  std::array<float, N> w;
+  for (int k = 0; k < N; ++k) s[k] = src[k], w[k] = c[k];
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = w[0] * load_element(s[0][i]);
+    for (int k = 1; k < N; ++k) acc += w[k] * load_element(s[k][i]);
+    store_element(acc, dst + i);
+  }
+}
+
+template <typename T>
+using DirectRowPass = void (*)(T*, const float*, const T* const*, int64_t);
+template <typename T>
+constexpr std::array<DirectRowPass<T>, kMaxWidth + 1> kDirectRowPasses = {
+    nullptr,
+    &direct_row_pass<T, 1>, &direct_row_pass<T, 2>, &direct_row_pass<T, 3>, &direct_row_pass<T, 4>,
+    &direct_row_pass<T, 5>, &direct_row_pass<T, 6>, &direct_row_pass<T, 7>, &direct_row_pass<T, 8>,
+    &direct_row_pass<T, 9>, &direct_row_pass<T, 10>, &direct_row_pass<T, 11>};
+
+template <typename T>
+void solver_step_cpu_direct(const StepProgram& p, StepOperands& ops) {
+  const T* x = ops.sample.const_data_ptr<T>();
+  const T* out = ops.model_output.const_data_ptr<T>();
+  const T* noise = ops.noise ? ops.noise->const_data_ptr<T>() : nullptr;
+  T* hist = ops.history.data_ptr<T>();
+  T* next = ops.next_sample.data_ptr<T>();
+  const int64_t numel = ops.numel;
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t start = begin; start < end; start += kChunk) {
+      const int64_t n = std::min(kChunk, end - start);
+      for (int r = 0; r < p.num_rows; ++r) {
+        const float* c = p.coeffs + r * kMaxWidth;
+        float nz_coeff[kMaxWidth];
+        const T* nz_src[kMaxWidth];
+        int count = 0;
+        for (int k = 0; k < kMaxWidth; ++k) {
+          if (c[k] == 0.f) continue;
+          const T* src = k == kSampleColumn        ? x + start
+                         : k == kModelOutputColumn ? out + start
+                         : k == kNoiseColumn       ? noise + start
+                                                   : hist + (k - slot_column(0)) * numel + start;
+          nz_coeff[count] = c[k], nz_src[count++] = src;
+        }
+        const int target = p.targets[r];
+        T* dst = target < 0 ? next + start : hist + target * numel + start;
+        if (count == 0) {
+          for (int64_t i = 0; i < n; ++i) store_element(0.f, dst + i);
+        } else {
+          kDirectRowPasses<T>[count](dst, nz_coeff, nz_src, n);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename hist_t>
 void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
   constexpr bool kSampleFloat = std::is_same_v<scalar_t, float>;
@@ -198,8 +276,16 @@ void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
 }  // namespace
 
 void launch_solver_step_cpu(const StepProgram& program, StepOperands& ops) {
-  SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "solver_step",
-                         [&] { solver_step_cpu_kernel<scalar_t, hist_t>(program, ops); });
+  SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "solver_step", [&] {
+    constexpr bool kDirect = std::is_same_v<scalar_t, hist_t> &&
+                             (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>);
+    // Philox noise is generated into an fp32 buffer: that needs the buffered path.
+    const bool philox = program.uses_noise && !ops.noise.has_value();
+    if constexpr (kDirect) {
+      if (!philox) return solver_step_cpu_direct<scalar_t>(program, ops);
+    }
+    solver_step_cpu_kernel<scalar_t, hist_t>(program, ops);
+  });
 }
 
 }  // namespace STEPFUSE_CPU_ISA
