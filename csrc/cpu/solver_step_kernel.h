@@ -103,29 +103,7 @@ inline void fill_philox(const StepProgram& p, int64_t begin, int64_t n, float* _
   }
 }
 
-// dst[i] = sum_k c[k] * src[k][i] over N columns in one pass.  `dst` may alias a
-// source only element-for-element (each element is read before it is written).
-template <int N>
-void row_pass(float* dst, const float* c, const float* const* src, int64_t n) {
-  std::array<const float*, N> s;
-  std::array<float, N> w;
-  for (int k = 0; k < N; ++k) s[k] = src[k], w[k] = c[k];
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) {
-    float acc = w[0] * s[0][i];
-    for (int k = 1; k < N; ++k) acc += w[k] * s[k][i];
-    dst[i] = acc;
-  }
-}
-
-using RowPass = void (*)(float*, const float*, const float* const*, int64_t);
-constexpr std::array<RowPass, kMaxWidth + 1> kRowPasses = {
-    nullptr,      &row_pass<1>, &row_pass<2>, &row_pass<3>, &row_pass<4>,  &row_pass<5>,
-    &row_pass<6>, &row_pass<7>, &row_pass<8>, &row_pass<9>, &row_pass<10>, &row_pass<11>};
-
-// Direct path: when every operand a row touches is stored in one dtype (fp32, or bf16
-// with a bf16 history) each row is a single pass that reads its sources in place and
-// converts in registers, instead of widening them into buffers first.
+// Element access in a storage dtype: fp32 as is, bf16 widened / rounded in registers.
 inline float load_element(float v) { return v; }
 inline float load_element(at::BFloat16 v) {
   const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
@@ -143,8 +121,11 @@ inline void store_element(float v, at::BFloat16* dst) {
   dst->x = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
 }
 
+// dst[i] = sum_k c[k] * src[k][i] over N columns in one pass, all in storage dtype T.
+// `dst` may alias a source only element-for-element (each element is read before it is
+// written).
 template <typename T, int N>
-void direct_row_pass(T* dst, const float* c, const T* const* src, int64_t n) {
+void row_pass(T* dst, const float* c, const T* const* src, int64_t n) {
   std::array<const T*, N> s;
   std::array<float, N> w;
   for (int k = 0; k < N; ++k) s[k] = src[k], w[k] = c[k];
@@ -157,13 +138,32 @@ void direct_row_pass(T* dst, const float* c, const T* const* src, int64_t n) {
 }
 
 template <typename T>
-using DirectRowPass = void (*)(T*, const float*, const T* const*, int64_t);
+using RowPass = void (*)(T*, const float*, const T* const*, int64_t);
 template <typename T>
-constexpr std::array<DirectRowPass<T>, kMaxWidth + 1> kDirectRowPasses = {
-    nullptr,
-    &direct_row_pass<T, 1>, &direct_row_pass<T, 2>, &direct_row_pass<T, 3>, &direct_row_pass<T, 4>,
-    &direct_row_pass<T, 5>, &direct_row_pass<T, 6>, &direct_row_pass<T, 7>, &direct_row_pass<T, 8>,
-    &direct_row_pass<T, 9>, &direct_row_pass<T, 10>, &direct_row_pass<T, 11>};
+constexpr std::array<RowPass<T>, kMaxWidth + 1> kRowPasses = {
+    nullptr,         &row_pass<T, 1>, &row_pass<T, 2>, &row_pass<T, 3>,  &row_pass<T, 4>,  &row_pass<T, 5>,
+    &row_pass<T, 6>, &row_pass<T, 7>, &row_pass<T, 8>, &row_pass<T, 9>, &row_pass<T, 10>, &row_pass<T, 11>};
+
+// Evaluates row `r` into `dst` from the operand pointers `col` (one per padded column),
+// touching only the columns with a non-zero coefficient.
+template <typename T>
+void run_row(const StepProgram& p, int r, const T* const (&col)[kMaxWidth], T* dst, int64_t n) {
+  const float* c = p.coeffs + r * kMaxWidth;
+  float nz_coeff[kMaxWidth];
+  const T* nz_src[kMaxWidth];
+  int count = 0;
+  for (int k = 0; k < kMaxWidth; ++k)
+    if (c[k] != 0.f) nz_coeff[count] = c[k], nz_src[count++] = col[k];
+  if (count == 0) {
+    for (int64_t i = 0; i < n; ++i) store_element(0.f, dst + i);
+  } else {
+    kRowPasses<T>[count](dst, nz_coeff, nz_src, n);
+  }
+}
+
+// Direct path: when every operand a row touches is stored in one dtype (fp32, or bf16
+// with a bf16 history) each row is a single pass that reads its sources in place and
+// converts in registers, instead of widening them into buffers first.
 
 template <typename T>
 void solver_step_cpu_direct(const StepProgram& p, StepOperands& ops) {
@@ -176,26 +176,15 @@ void solver_step_cpu_direct(const StepProgram& p, StepOperands& ops) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t start = begin; start < end; start += kChunk) {
       const int64_t n = std::min(kChunk, end - start);
+      const T* col[kMaxWidth] = {};
+      col[kSampleColumn] = x + start;
+      col[kModelOutputColumn] = out + start;
+      col[kNoiseColumn] = noise != nullptr ? noise + start : nullptr;
+      // Slots are read in place, so a row sees what earlier rows stored there.
+      for (int s = 0; s < p.num_slots; ++s) col[slot_column(s)] = hist + s * numel + start;
       for (int r = 0; r < p.num_rows; ++r) {
-        const float* c = p.coeffs + r * kMaxWidth;
-        float nz_coeff[kMaxWidth];
-        const T* nz_src[kMaxWidth];
-        int count = 0;
-        for (int k = 0; k < kMaxWidth; ++k) {
-          if (c[k] == 0.f) continue;
-          const T* src = k == kSampleColumn        ? x + start
-                         : k == kModelOutputColumn ? out + start
-                         : k == kNoiseColumn       ? noise + start
-                                                   : hist + (k - slot_column(0)) * numel + start;
-          nz_coeff[count] = c[k], nz_src[count++] = src;
-        }
         const int target = p.targets[r];
-        T* dst = target < 0 ? next + start : hist + target * numel + start;
-        if (count == 0) {
-          for (int64_t i = 0; i < n; ++i) store_element(0.f, dst + i);
-        } else {
-          kDirectRowPasses<T>[count](dst, nz_coeff, nz_src, n);
-        }
+        run_row<T>(p, r, col, target < 0 ? next + start : hist + target * numel + start, n);
       }
     }
   });
@@ -241,20 +230,11 @@ void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
         }
       }
       for (int r = 0; r < p.num_rows; ++r) {
-        const float* c = p.coeffs + r * kMaxWidth;
-        float nz_coeff[kMaxWidth];
-        const float* nz_src[kMaxWidth];
-        int count = 0;
-        for (int k = 0; k < kMaxWidth; ++k)
-          if (c[k] != 0.f) nz_coeff[count] = c[k], nz_src[count++] = col[k];
         const int target = p.targets[r];
         float* dst = acc;
         if (target < 0 && kSampleFloat) dst = reinterpret_cast<float*>(next + start);
         if (target >= 0 && kHistFloat) dst = reinterpret_cast<float*>(hist + target * numel + start);
-        if (count == 0)
-          for (int64_t i = 0; i < n; ++i) dst[i] = 0.f;
-        else
-          kRowPasses[count](dst, nz_coeff, nz_src, n);
+        run_row<float>(p, r, col, dst, n);
         if (target < 0) {
           if (!kSampleFloat) narrow(acc, next + start, n);
         } else if (kHistFloat) {
