@@ -1,8 +1,9 @@
-"""The ``stepfuse`` command: ``info`` and ``demo``."""
+"""The ``stepfuse`` command: ``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -24,36 +25,59 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Solver comparison on the analytic Gaussian mixture: error vs NFE, table + plot."""
-    from .testing.accuracy import accuracy_table, format_rows, plot_accuracy
+    """Speed/quality comparison on a bundled model: table, report, image grid and scatter plot."""
+    from .demo import RunSpec, compare, format_table, write_report
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = None if args.no_progress else (lambda line: print("  " + line, file=sys.stderr, flush=True))
-    rows = accuracy_table(spacings=args.spacings, nfe_budgets=args.nfe, end="sigma_min", batch=args.batch,
-                          progress=progress)
-    table_rows, columns = format_rows(rows, args.nfe)
-    table = _format_table(table_rows, columns)
-    print(table)
-    (out / "report.json").write_text(json.dumps({"nfe": args.nfe, "rows": rows}, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(
-        "# stepfuse solver comparison\n\n"
-        "RMS error against the exact probability-flow ODE solution of an analytic Gaussian mixture, driven "
-        "by its exact denoiser, from sigma_max down to sigma_min (Stable Diffusion's training schedule). "
-        "Columns are NFE budgets; 'vs diffusers' is the largest relative difference from diffusers' own "
-        "scheduler with the same configuration.\n\n```\n" + table + "\n```\n"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runs = [RunSpec(solver, steps) for solver in args.solvers for steps in args.steps]
+    report = compare(
+        model=args.model, runs=runs, baseline_solver=args.baseline, baseline_steps=args.baseline_steps,
+        reference=RunSpec("UniPC", args.reference_steps), samples_per_class=args.samples_per_class,
+        guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, progress=not args.no_progress,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    plot_accuracy(rows, out / "accuracy.png", title="stepfuse solvers: error vs NFE (Gaussian mixture)")
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {out / 'accuracy.png'}")
+    paths = write_report(report, Path(args.out))
+    print(format_table(report["rows"]))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def _format_table(rows: list, columns: list) -> str:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+def _benchmark_dirs() -> list:
+    """Installed benchmark scripts first, then a source checkout's ``benchmarks/``."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "_benchmarks", here.parents[1] / "benchmarks") if d.is_dir()]
+
+
+def benchmarks() -> dict:
+    """Benchmark name (``solver-step``) -> script path (``bench_solver_step.py``)."""
+    found = {}
+    for folder in _benchmark_dirs():
+        for script in sorted(folder.glob("bench_*.py")):
+            found.setdefault(script.stem[len("bench_"):].replace("_", "-"), script)
+    return found
+
+
+def _bench(args: argparse.Namespace, passthrough: list) -> int:
+    import subprocess
+
+    available = benchmarks()
+    if args.list or not args.name:
+        if not available:
+            print("no benchmark scripts found (looked in: " + ", ".join(map(str, _benchmark_dirs())) + ")")
+            return 1
+        for name, script in available.items():
+            doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+            print(f"{name:20s} {doc.splitlines()[0] if doc else ''}")
+        return 0
+    if args.name not in available:
+        print(f"stepfuse bench: unknown benchmark {args.name!r}; available: {', '.join(available)}", file=sys.stderr)
+        return 2
+    command = [sys.executable, str(available[args.name]), *passthrough, "--out", str(Path(args.out).resolve())]
+    print("+ " + " ".join(command), file=sys.stderr, flush=True)
+    return subprocess.call(command)
 
 
 def main(argv=None) -> int:
@@ -62,15 +86,30 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="versions, compiled backends and registered ops")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
-    p = sub.add_parser("demo", help="compare solvers on an analytic model: table, JSON and plot")
+    p = sub.add_parser("demo", help="fast solvers against a diffusers baseline on a bundled model: speed and quality")
     p.add_argument("--out", default="stepfuse-demo", help="output folder (default: ./stepfuse-demo)")
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 8, 10, 20, 50], help="NFE budgets")
-    p.add_argument("--spacings", nargs="+", default=["default", "karras"], help="step spacings to compare")
-    p.add_argument("--batch", type=int, default=128, help="trajectories per run")
+    p.add_argument("--model", default="digits-unet", help="bundled model (see stepfuse.models.list())")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 8, 10, 20], help="stepfuse step counts")
+    p.add_argument("--solvers", nargs="+", default=["UniPC", "DPM++ 2M"], help="stepfuse solvers")
+    p.add_argument("--baseline", default=None, help="diffusers baseline solver (default: DDIM, or Euler for flow)")
+    p.add_argument("--baseline-steps", type=int, default=50)
+    p.add_argument("--reference-steps", type=int, default=100, help="steps of the UniPC reference run")
+    p.add_argument("--samples-per-class", type=int, default=8)
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    p = sub.add_parser("bench", help="run a benchmark script by name; other options pass through to it")
+    p.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.add_argument("--out", default="stepfuse-bench", help="results folder (default: ./stepfuse-bench)")
+    p.set_defaults(func=_bench)
+    args, passthrough = parser.parse_known_args(argv)
+    if args.func is not _bench and passthrough:
+        parser.error("unrecognized arguments: " + " ".join(passthrough))
+    return args.func(args, passthrough) if args.func is _bench else args.func(args)
 
 
 if __name__ == "__main__":
