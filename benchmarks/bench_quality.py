@@ -76,7 +76,7 @@ def main() -> None:
         print(f"\n{model} (guidance {args.guidance_scale}, {report['samples']} samples; reference "
               f"{report['reference']['name']}: accuracy {report['reference']['accuracy']:.3f}, fd "
               f"{report['reference']['fd']:.2f}; held-out real digits: accuracy "
-              f"{report['real_heldout']['accuracy']:.3f})")
+              f"{report['real_heldout']['accuracy']:.3f}, fd between held-out halves {report['real_heldout']['fd']:.2f})")
         print(format_table(report["rows"], ["name", *COLUMNS[2:]]))
     name = "bench_quality" + ("_quick" if args.quick else "")
     path = write_results(args.out, name, device, {"args": {k: str(v) for k, v in vars(args).items()},

@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+from stepfuse.models import digits
 
-from stepfuse.models import digits  # noqa: E402
-
-MODELS_DIR = REPO / "python" / "stepfuse" / "models"
+# The package's models folder in a source checkout: the default destination, to be committed.
+MODELS_DIR = Path(__file__).resolve().parents[1] / "python" / "stepfuse" / "models"
 NULL_CLASS = digits.NUM_CLASSES
 LABEL_DROPOUT = 0.1
 

@@ -128,7 +128,8 @@ def test_training_script_smoke(tmp_path):
     script = REPO / "benchmarks" / "train_tiny.py"
     cmd = [sys.executable, str(script), "classifier", "digits-dit-flow", "--steps", "2", "--out", str(tmp_path),
            "--log-every", "1", "--threads", "1"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     log = json.loads((tmp_path / "digits-dit-flow.train.json").read_text())
     assert log["steps"] == 2 and log["objective"] == "flow"
     pipe = ClassConditionalPipeline.from_pretrained(str(tmp_path / "digits-dit-flow"))

@@ -114,6 +114,17 @@ class DigitMetrics:
         """Fréchet distance to the held-out real digits in classifier-feature space."""
         return frechet_distance(gaussian_stats(self.features(images)), self.real_stats)
 
+    def real_baseline(self, seed: int = 0) -> Dict[str, float]:
+        """What real digits score: classifier accuracy on the held-out set, and the FD between two
+        disjoint random halves of it (the floor a perfect generator reaches at that sample size;
+        FD is biased upwards for small samples)."""
+        perm = torch.randperm(len(self.real_labels), generator=torch.Generator().manual_seed(seed))
+        half_a, half_b = perm.chunk(2)
+        fd = frechet_distance(gaussian_stats(self.features(self.real_images[half_a])),
+                              gaussian_stats(self.features(self.real_images[half_b])))
+        return {"accuracy": self.accuracy(self.real_images, self.real_labels), "fd": fd,
+                "fd_samples": int(len(half_a))}
+
     def __call__(self, images: torch.Tensor, labels, reference: Optional[torch.Tensor] = None) -> Dict[str, float]:
         scores = {"accuracy": self.accuracy(images, labels), "fd": self.fd(images)}
         if reference is not None:
