@@ -51,6 +51,13 @@ CASES = [
     ("HeunDiscreteScheduler", {}, {}),
     ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.5}),
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}),
+    ("DDPMScheduler", {"clip_sample": False}, {}),
+    ("DDPMScheduler", {"variance_type": "fixed_small_log", "clip_sample": False}, {}),
+    ("LCMScheduler", {"clip_sample": False}, {}),
+    ("TCDScheduler", {}, {"eta": 0.3}),
+    ("LMSDiscreteScheduler", {}, {}),
+    ("KDPM2DiscreteScheduler", {}, {}),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}),
 ]
 
 

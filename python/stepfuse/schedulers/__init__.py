@@ -4,17 +4,28 @@
 """
 
 from ..integrations.ddim import DDIMScheduler
+from ..integrations.ddpm import DDPMScheduler
 from ..integrations.dpmsolver_multistep import DPMSolverMultistepScheduler
 from ..integrations.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from ..integrations.flow_match import FlowMatchEulerDiscreteScheduler
+from ..integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from ..integrations.lcm import LCMScheduler
+from ..integrations.lms import LMSDiscreteScheduler
+from ..integrations.tcd import TCDScheduler
 from ..integrations.unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
+    "DDPMScheduler",
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "LMSDiscreteScheduler",
+    "TCDScheduler",
     "UniPCMultistepScheduler",
 ]
