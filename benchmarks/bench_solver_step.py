@@ -42,6 +42,12 @@ SCHEDULERS = [
     ("heun", "HeunDiscreteScheduler", {}),
     ("ddim", "DDIMScheduler", {}),
     ("flow euler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("ddpm", "DDPMScheduler", {}),
+    ("lcm", "LCMScheduler", {}),
+    ("tcd", "TCDScheduler", {}),
+    ("lms 4", "LMSDiscreteScheduler", {}),
+    ("kdpm2", "KDPM2DiscreteScheduler", {}),
+    ("kdpm2 ancestral", "KDPM2AncestralDiscreteScheduler", {}),
 ]
 
 
