@@ -48,6 +48,7 @@ SCHEDULERS = [
     ("lms 4", "LMSDiscreteScheduler", {}),
     ("kdpm2", "KDPM2DiscreteScheduler", {}),
     ("kdpm2 ancestral", "KDPM2AncestralDiscreteScheduler", {}),
+    ("edm euler", "EDMEulerScheduler", {}),
 ]
 
 

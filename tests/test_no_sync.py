@@ -58,6 +58,7 @@ CASES = [
     ("LMSDiscreteScheduler", {}, {}),
     ("KDPM2DiscreteScheduler", {}, {}),
     ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    ("EDMEulerScheduler", {}, {"s_churn": 1.0}),
 ]
 
 

@@ -6,6 +6,7 @@
 from ..integrations.ddim import DDIMScheduler
 from ..integrations.ddpm import DDPMScheduler
 from ..integrations.dpmsolver_multistep import DPMSolverMultistepScheduler
+from ..integrations.edm_euler import EDMEulerScheduler
 from ..integrations.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from ..integrations.flow_match import FlowMatchEulerDiscreteScheduler
 from ..integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
@@ -18,6 +19,7 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
