@@ -2,11 +2,14 @@
 // fused step.  Importing it also runs the TORCH_LIBRARY registrations compiled into
 // the same shared object.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
 
 #include <vector>
+
+#include "plans/step_schedule_dp.h"
 
 namespace py = pybind11;
 
@@ -39,6 +42,17 @@ at::Tensor solver_step_py(const at::Tensor& sample, const at::Tensor& model_outp
   HANDLE_TH_ERRORS
   return solver_step_fast(sample, model_output, history, program, noise, seed, offset);
   END_HANDLE_TH_ERRORS_PYBIND
+}
+
+std::vector<int64_t> optimal_step_indices_py(
+    const py::array_t<double, py::array::c_style | py::array::forcecast>& cost, int64_t num_steps) {
+  if (cost.ndim() != 2 || cost.shape(0) != cost.shape(1)) {
+    throw py::value_error("cost must be a square (n_points x n_points) matrix");
+  }
+  const double* data = cost.data();
+  const int64_t n_points = cost.shape(0);
+  py::gil_scoped_release release;  // O(K N^2) on plain memory; other Python threads may run
+  return stepfuse::optimal_step_indices(data, n_points, num_steps);
 }
 
 }  // namespace
@@ -79,4 +93,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("solver_step", &solver_step_py, py::arg("sample"), py::arg("model_output"), py::arg("history"),
         py::arg("program"), py::arg("noise") = py::none(), py::arg("seed") = 0, py::arg("offset") = 0,
         "Eager fast path of torch.ops.stepfuse.solver_step for a pre-converted program.");
+  m.def("optimal_step_indices", &optimal_step_indices_py, py::arg("cost"), py::arg("num_steps"),
+        "Grid indices 0 = i_0 < ... < i_K = N minimising sum_k cost[i_{k-1}][i_k] (dynamic programming).");
 }
