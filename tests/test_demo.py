@@ -47,13 +47,15 @@ def test_make_scheduler_rejects_unknown_choices():
 
 
 def test_dpmsolver_10_steps_is_within_5_points_of_the_50_step_baseline():
-    """Acceptance: stepfuse's DPMSolverMultistep at 10 steps keeps the 50-step DDIM class accuracy."""
+    """Acceptance: stepfuse's DPMSolverMultistep at 10 steps keeps the 50-step DDIM class accuracy.
+
+    Unguided, where accuracy is not saturated (about 0.95), so a solver error would show."""
     torch.manual_seed(0)
     report = compare("digits-unet", runs=[RunSpec("DPM++ 2M", 10)], reference=RunSpec("UniPC", 10),
-                     samples_per_class=10, progress=False, log=lambda s: None)
+                     samples_per_class=10, guidance_scale=1.0, progress=False, log=lambda s: None)
     baseline, fast = report["rows"]
     assert baseline["name"] == "diffusers DDIM 50" and fast["name"] == "stepfuse DPM++ 2M 10"
-    assert baseline["accuracy"] >= 0.8, "the bundled UNet should draw recognisable digits"
+    assert baseline["accuracy"] >= 0.85, "the bundled UNet should draw recognisable digits"
     assert fast["accuracy"] >= baseline["accuracy"] - 0.05
 
 
