@@ -49,6 +49,8 @@ SCHEDULERS = [
     ("kdpm2", "KDPM2DiscreteScheduler", {}),
     ("kdpm2 ancestral", "KDPM2AncestralDiscreteScheduler", {}),
     ("edm euler", "EDMEulerScheduler", {}),
+    ("edm dpmsolver++ 2M", "EDMDPMSolverMultistepScheduler", {}),
+    ("flow heun", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
 ]
 
 

@@ -59,6 +59,8 @@ CASES = [
     ("KDPM2DiscreteScheduler", {}, {}),
     ("KDPM2AncestralDiscreteScheduler", {}, {}),
     ("EDMEulerScheduler", {}, {"s_churn": 1.0}),
+    ("EDMDPMSolverMultistepScheduler", {}, {}),
+    ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, {}),
 ]
 
 

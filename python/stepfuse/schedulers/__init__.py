@@ -6,9 +6,11 @@
 from ..integrations.ddim import DDIMScheduler
 from ..integrations.ddpm import DDPMScheduler
 from ..integrations.dpmsolver_multistep import DPMSolverMultistepScheduler
+from ..integrations.edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from ..integrations.edm_euler import EDMEulerScheduler
 from ..integrations.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from ..integrations.flow_match import FlowMatchEulerDiscreteScheduler
+from ..integrations.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from ..integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from ..integrations.lcm import LCMScheduler
 from ..integrations.lms import LMSDiscreteScheduler
@@ -19,10 +21,12 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
