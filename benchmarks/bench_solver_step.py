@@ -51,6 +51,8 @@ SCHEDULERS = [
     ("edm euler", "EDMEulerScheduler", {}),
     ("edm dpmsolver++ 2M", "EDMDPMSolverMultistepScheduler", {}),
     ("flow heun", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
+    ("ipndm", "IPNDMScheduler", {}),
+    ("pndm plms", "PNDMScheduler", {"skip_prk_steps": True}),
 ]
 
 

@@ -61,6 +61,9 @@ CASES = [
     ("EDMEulerScheduler", {}, {"s_churn": 1.0}),
     ("EDMDPMSolverMultistepScheduler", {}, {}),
     ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, {}),
+    ("IPNDMScheduler", {}, {}),
+    ("PNDMScheduler", {"skip_prk_steps": True}, {}),
+    ("PNDMScheduler", {}, {}),
 ]
 
 

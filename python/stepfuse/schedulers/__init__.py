@@ -11,9 +11,11 @@ from ..integrations.edm_euler import EDMEulerScheduler
 from ..integrations.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from ..integrations.flow_match import FlowMatchEulerDiscreteScheduler
 from ..integrations.flow_match_heun import FlowMatchHeunDiscreteScheduler
+from ..integrations.ipndm import IPNDMScheduler
 from ..integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from ..integrations.lcm import LCMScheduler
 from ..integrations.lms import LMSDiscreteScheduler
+from ..integrations.pndm import PNDMScheduler
 from ..integrations.tcd import TCDScheduler
 from ..integrations.unipc_multistep import UniPCMultistepScheduler
 
@@ -28,10 +30,12 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "IPNDMScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "LCMScheduler",
     "LMSDiscreteScheduler",
+    "PNDMScheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",
 ]
