@@ -10,7 +10,9 @@ from diffusers.utils import logging
 import stepfuse.schedulers as sf
 from stepfuse.ref.philox import philox_normal
 from stepfuse.solvers.euler import data_prediction
-from stepfuse.testing.parity import FP32_RTOL, assert_scheduler_parity, relative_error, run_trajectory, smooth_model
+from stepfuse.testing.parity import (
+    FP32_RTOL, assert_same_construction, assert_scheduler_parity, relative_error, run_trajectory, smooth_model,
+)
 
 logging.set_verbosity_error()  # diffusers' "call scale_model_input" warnings from the step-by-step tests
 
@@ -267,12 +269,7 @@ STATE = [
 def test_schedule_state_matches(name, config):
     ours_cls, theirs_cls = _classes(name)
     ours = ours_cls(**config)
-    theirs = theirs_cls.from_config(ours.config)
-    assert type(ours_cls.from_config(theirs.config)) is ours_cls
-    assert dict(ours_cls.from_config(theirs.config).config) == dict(ours.config)
-    assert ours.order == theirs.order and len(ours) == len(theirs)
-    for attr in ("betas", "alphas", "alphas_cumprod"):
-        assert torch.equal(getattr(ours, attr), getattr(theirs, attr)), attr
+    theirs = assert_same_construction(ours_cls, theirs_cls, ours)
     for stage in ("init", "set_timesteps"):
         if stage == "set_timesteps":
             ours.set_timesteps(9)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stepfuse.integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
-from stepfuse.testing.parity import FP32_RTOL, assert_scheduler_parity, relative_error, smooth_model
+from stepfuse.testing.parity import FP32_RTOL, assert_same_construction, assert_scheduler_parity, relative_error, smooth_model
 
 OURS = {"KDPM2DiscreteScheduler": KDPM2DiscreteScheduler,
         "KDPM2AncestralDiscreteScheduler": KDPM2AncestralDiscreteScheduler}
@@ -122,12 +122,7 @@ def test_ancestral_philox_noise_is_deterministic():
 def test_schedule_state_matches(name, config):
     ours_cls, theirs_cls = _classes(name)
     ours = ours_cls(**config)
-    theirs = theirs_cls.from_config(ours.config)
-    assert type(ours_cls.from_config(theirs.config)) is ours_cls
-    assert dict(ours_cls.from_config(theirs.config).config) == dict(ours.config)
-    assert ours.order == theirs.order and len(ours) == len(theirs)
-    for attr in ("betas", "alphas", "alphas_cumprod"):
-        assert torch.equal(getattr(ours, attr), getattr(theirs, attr)), attr
+    theirs = assert_same_construction(ours_cls, theirs_cls, ours)
     ours.set_timesteps(9)
     theirs.set_timesteps(9)
     arrays = ["sigmas", "timesteps", "log_sigmas"] + (["sigmas_up", "sigmas_down"] if "Ancestral" in name else [])

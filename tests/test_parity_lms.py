@@ -10,7 +10,7 @@ import torch
 
 from stepfuse.integrations.k_diffusion import _lagrange_integrals
 from stepfuse.integrations.lms import LMSDiscreteScheduler
-from stepfuse.testing.parity import FP32_RTOL, assert_scheduler_parity, relative_error, smooth_model
+from stepfuse.testing.parity import FP32_RTOL, assert_same_construction, assert_scheduler_parity, relative_error, smooth_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*scale_model_input")
 
@@ -91,12 +91,7 @@ def test_stepwise_outputs(return_dict):
                          ids=str)
 def test_schedule_state_matches(config):
     ours = LMSDiscreteScheduler(**config)
-    theirs = THEIRS.from_config(ours.config)
-    assert type(LMSDiscreteScheduler.from_config(theirs.config)) is LMSDiscreteScheduler
-    assert dict(LMSDiscreteScheduler.from_config(theirs.config).config) == dict(ours.config)
-    assert ours.order == theirs.order and len(ours) == len(theirs)
-    for attr in ("betas", "alphas", "alphas_cumprod"):
-        assert torch.equal(getattr(ours, attr), getattr(theirs, attr)), attr
+    theirs = assert_same_construction(LMSDiscreteScheduler, THEIRS, ours)
     for stage in ("init", "set_timesteps"):
         if stage == "set_timesteps":
             ours.set_timesteps(9)

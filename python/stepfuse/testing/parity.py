@@ -122,3 +122,18 @@ def _timesteps_after(scheduler, num_inference_steps, set_timesteps_kwargs) -> to
         kwargs["num_inference_steps"] = num_inference_steps
     scheduler.set_timesteps(**kwargs)
     return scheduler.timesteps.detach().cpu().double()
+
+
+def assert_same_construction(ours_cls, theirs_cls, ours):
+    """``from_config`` both ways, the same order and length, identical beta tables.
+
+    Returns diffusers' scheduler built from ``ours.config`` for further comparisons.
+    """
+    theirs = theirs_cls.from_config(ours.config)
+    back = ours_cls.from_config(theirs.config)
+    assert type(back) is ours_cls
+    assert dict(back.config) == dict(ours.config)
+    assert ours.order == theirs.order and len(ours) == len(theirs)
+    for attr in ("betas", "alphas", "alphas_cumprod"):
+        assert torch.equal(getattr(ours, attr), getattr(theirs, attr)), attr
+    return theirs
