@@ -200,7 +200,6 @@ def main() -> None:
     names = ["classifier", *RECIPES] if "all" in args.models else args.models
     args.out.mkdir(parents=True, exist_ok=True)
     digits.save_heldout(args.out / digits.HELDOUT_FILE.name)
-    log = []
     for name in names:
         if name == "classifier":
             info = train_classifier(args.steps or 1500, args.batch or 128, 2e-3, args.seed, args.out,
@@ -210,7 +209,6 @@ def main() -> None:
             info = train_denoiser(name, args.steps or steps, args.batch or batch, lr, args.seed, args.out,
                                   args.log_every)
         print(json.dumps(info), flush=True)
-        log.append(info)
         (args.out / f"{info['name']}.train.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -60,7 +60,7 @@ def benchmarks() -> dict:
     return found
 
 
-def _bench(args: argparse.Namespace, passthrough: list) -> int:
+def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
     available = benchmarks()
@@ -75,7 +75,7 @@ def _bench(args: argparse.Namespace, passthrough: list) -> int:
     if args.name not in available:
         print(f"stepfuse bench: unknown benchmark {args.name!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
-    command = [sys.executable, str(available[args.name]), *passthrough, "--out", str(Path(args.out).resolve())]
+    command = [sys.executable, str(available[args.name]), *args.passthrough, "--out", str(Path(args.out).resolve())]
     print("+ " + " ".join(command), file=sys.stderr, flush=True)
     return subprocess.call(command)
 
@@ -106,10 +106,12 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--out", default="stepfuse-bench", help="results folder (default: ./stepfuse-bench)")
     p.set_defaults(func=_bench)
+    # Only `bench` forwards unknown options (to the benchmark script it runs).
     args, passthrough = parser.parse_known_args(argv)
-    if args.func is not _bench and passthrough:
-        parser.error("unrecognized arguments: " + " ".join(passthrough))
-    return args.func(args, passthrough) if args.func is _bench else args.func(args)
+    args.passthrough = passthrough
+    if args.func is not _bench and args.passthrough:
+        parser.error("unrecognized arguments: " + " ".join(args.passthrough))
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.library} {self.solver} {self.steps}"
 
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sample: every solver in SOLVERS calls the model once per step
+        (CFG's doubled batch counts once, as in the literature)."""
+        return self.steps
+
 
 def is_flow(pipe) -> bool:
     """Whether the pipeline's shipped scheduler is a flow-matching one."""
@@ -74,11 +80,6 @@ def sample(pipe, spec: RunSpec, base_config, labels: torch.Tensor, latents: torc
     images = pipe(labels.tolist(), num_inference_steps=spec.steps, guidance_scale=guidance_scale,
                   latents=latents.clone(), output_type="pt").images
     return images, time.perf_counter() - start
-
-
-def nfe(spec: RunSpec, flow: bool) -> int:
-    """Model evaluations per sample (CFG's doubled batch counts once, as in the literature)."""
-    return 2 * spec.steps - 1 if spec.solver == "Heun" else spec.steps
 
 
 def compare(
@@ -125,7 +126,7 @@ def compare(
     for role, spec in [("baseline", baseline)] + [("stepfuse", r) for r in runs]:
         images, seconds = sample(pipe, spec, base_config, labels, latents, guidance_scale, flow, progress)
         scores = metrics(images, labels, reference=ref_images)
-        rows.append({"name": spec.name, "role": role, **asdict(spec), "nfe": nfe(spec, flow),
+        rows.append({"name": spec.name, "role": role, **asdict(spec), "nfe": spec.nfe,
                      "seconds": round(seconds, 3), **{k: round(v, 5) for k, v in scores.items()}})
         grid[spec.name] = images
     base_seconds = rows[0]["seconds"]
