@@ -53,6 +53,11 @@ SCHEDULERS = [
     ("flow heun", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
     ("ipndm", "IPNDMScheduler", {}),
     ("pndm plms", "PNDMScheduler", {"skip_prk_steps": True}),
+    ("deis 3", "DEISMultistepScheduler", {"solver_order": 3}),
+    ("dpmsolver++ 3S", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("sa-solver 2P2C", "SASolverScheduler", {}),
+    ("sa-solver 3P3C noise", "SASolverScheduler",
+     {"predictor_order": 3, "corrector_order": 3, "algorithm_type": "noise_prediction"}),
 ]
 
 

@@ -21,6 +21,7 @@ CASES = [
     ("HeunDiscreteScheduler", {}, None),
     ("DDIMScheduler", {}, None),
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, None),
+    ("DEISMultistepScheduler", {"solver_order": 3}, None),
 ]
 
 

@@ -64,6 +64,12 @@ CASES = [
     ("IPNDMScheduler", {}, {}),
     ("PNDMScheduler", {"skip_prk_steps": True}, {}),
     ("PNDMScheduler", {}, {}),
+    ("DEISMultistepScheduler", {}, {}),
+    ("DEISMultistepScheduler", {"solver_order": 3, "prediction_type": "v_prediction"}, {}),
+    ("DPMSolverSinglestepScheduler", {}, {}),
+    ("DPMSolverSinglestepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}, {}),
+    ("SASolverScheduler", {}, {}),
+    ("SASolverScheduler", {"predictor_order": 3, "corrector_order": 4, "algorithm_type": "noise_prediction"}, {}),
 ]
 
 

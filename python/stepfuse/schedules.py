@@ -1049,7 +1049,17 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "beta_end": 0.012,
     },
     "DPMSolverMultistepScheduler": {**_MULTISTEP, "use_lu_lambdas": False, "lambda_min_clipped": -math.inf},
+    # Singlestep has no timestep spacing options, zero-SNR rescaling or Lu lambdas.
+    "DPMSolverSinglestepScheduler": {
+        **{k: v for k, v in _MULTISTEP.items() if k not in ("timestep_spacing", "steps_offset", "rescale_betas_zero_snr")},
+        "lambda_min_clipped": -math.inf,
+    },
     "UniPCMultistepScheduler": {**_MULTISTEP, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
+    "SASolverScheduler": {
+        **_VP_COMMON, **_SIGMA_FLAGS, "use_flow_sigmas": False, "flow_shift": 1.0, "lambda_min_clipped": -math.inf,
+    },
+    # DEIS has neither zero-SNR rescaling nor a final_sigmas_type.
+    "DEISMultistepScheduler": {k: v for k, v in _MULTISTEP.items() if k not in ("rescale_betas_zero_snr", "final_sigmas_type")},
     "FlowMatchEulerDiscreteScheduler": {
         "num_train_timesteps": 1000,
         "shift": 1.0,
@@ -1152,7 +1162,10 @@ def diffusers_set_timesteps(
         "EulerAncestralDiscreteScheduler": _euler_ancestral,
         "HeunDiscreteScheduler": _heun,
         "DPMSolverMultistepScheduler": _dpmsolver,
+        "DPMSolverSinglestepScheduler": _dpmsolver_singlestep,
         "UniPCMultistepScheduler": _unipc,
+        "SASolverScheduler": _sasolver,
+        "DEISMultistepScheduler": _deis,
         "FlowMatchEulerDiscreteScheduler": _flow_match_euler,
         "EDMEulerScheduler": _edm_euler,
     }[scheduler]
@@ -1323,6 +1336,19 @@ def _dpmsolver(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
     return ScheduleArrays(_int_timesteps(ts), s)
 
 
+def _dpmsolver_singlestep(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
+    """DPMSolverMultistep's schedule with linspace spacing, but Karras timesteps are rounded for
+    every beta schedule (the multistep class keeps them fractional for squaredcos_cap_v2)."""
+    _no_extras("DPMSolverSinglestepScheduler", sigmas=sigmas)
+    fixed = {"timestep_spacing": "linspace", "steps_offset": 0, "rescale_betas_zero_snr": False, "use_lu_lambdas": False}
+    arrays = _dpmsolver({**cfg, **fixed}, n, timesteps, None, mu, precision)
+    if cfg["use_karras_sigmas"] and cfg["beta_schedule"] == "squaredcos_cap_v2":
+        _, train_sig, log_sig = _vp_tables(cfg, precision)
+        s = karras_sigmas(len(arrays.timesteps), float(train_sig[0]), float(train_sig[-1]))
+        arrays = ScheduleArrays(_int_timesteps(sigma_to_t(s, log_sig).round()), arrays.sigmas)
+    return arrays
+
+
 def _unipc(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
     _no_extras("UniPCMultistepScheduler", timesteps=timesteps)
     kind = _multistep_common_checks(cfg)
@@ -1371,6 +1397,50 @@ def _unipc(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
     else:
         ts = timesteps_from_spacing(n, T, cfg["timestep_spacing"], cfg["steps_offset"], "multistep")
         s = append_final_sigma(interpolate_sigmas(ts, train_sig), final, train_sig[0])
+    return ScheduleArrays(_int_timesteps(ts), _round_out(s, precision))
+
+
+def _deis(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
+    """DPMSolverMultistep's spacings without lambda clipping; karras timesteps always rounded, and
+    re-spaced or flow schedules end by repeating their last sigma (a zero-length final step)."""
+    _no_extras("DEISMultistepScheduler", timesteps=timesteps, sigmas=sigmas)
+    n = _need_steps(n)
+    kind = _sigma_flag(cfg)
+    _check_choice("timestep_spacing", cfg["timestep_spacing"], TIMESTEP_SPACINGS)
+    _check_choice("time_shift_type", cfg["time_shift_type"], TIME_SHIFT_TYPES)
+    T = cfg["num_train_timesteps"]
+    _, train_sig, log_sig = _vp_tables(cfg, precision)
+    if kind is not None:
+        s = _apply_sigma_schedule(kind, train_sig[::-1], n)
+        ts = sigma_to_t(s, log_sig)
+        ts = ts.round() if kind == "karras" else ts
+        s = append_final_sigma(s, "sigma_min")
+    elif cfg["use_flow_sigmas"]:
+        s = multistep_flow_sigmas(n, T, cfg["flow_shift"], variant="dpmsolver", mu=mu,
+                                  use_dynamic_shifting=bool(cfg["use_dynamic_shifting"]),
+                                  time_shift_type=cfg["time_shift_type"])
+        ts = s * T
+        s = append_final_sigma(s, "sigma_min")
+    else:
+        ts = timesteps_from_spacing(n, T, cfg["timestep_spacing"], cfg["steps_offset"], "multistep")
+        s = append_final_sigma(interpolate_sigmas(ts, train_sig), "sigma_min", train_sig[0])
+    return ScheduleArrays(_int_timesteps(ts), _round_out(s, precision))
+
+
+def _sasolver(cfg, n, timesteps, sigmas, mu, precision) -> ScheduleArrays:
+    # DEIS's schedule (karras timesteps rounded for every beta schedule; re-spaced and flow
+    # schedules end with a zero-length step) plus DPM-Solver's lambda_min_clipped cut of the
+    # spaced timesteps.
+    _no_extras("SASolverScheduler", timesteps=timesteps, sigmas=sigmas, mu=mu)
+    arrays = _deis({**cfg, "use_dynamic_shifting": False, "time_shift_type": "exponential"}, n, None, None, None,
+                   precision)
+    if _sigma_flag(cfg) is not None or cfg["use_flow_sigmas"] or cfg["lambda_min_clipped"] == -math.inf:
+        return arrays
+    acp, train_sig, _ = _vp_tables(cfg, precision)
+    last = last_timestep_for_lambda_min(acp, cfg["lambda_min_clipped"], precision=precision)
+    ts = timesteps_from_spacing(n, cfg["num_train_timesteps"], cfg["timestep_spacing"], cfg["steps_offset"],
+                                "multistep", last)
+    s = append_final_sigma(interpolate_sigmas(ts, train_sig), "sigma_min", train_sig[0])
     return ScheduleArrays(_int_timesteps(ts), _round_out(s, precision))
 
 

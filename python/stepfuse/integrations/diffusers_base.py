@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..ops import solver_step
 from ..ref.philox import philox_blocks
+from ..solvers.plan import SamplingPlan, as_plan, extrapolate_denoised, max_slots
 from ..solvers.program import OUTPUT, StepProgram
 
 
@@ -74,8 +75,13 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
             return
 
         @functools.wraps(method)
-        def set_timesteps(self, *args, **kw):
-            result = method(self, *args, **kw)
+        def set_timesteps(self, *args, plan=None, **kw):
+            if plan is not None:
+                self.set_plan(plan)
+            if self.sampling_plan is not None:
+                result = self._set_plan_timesteps(method, args, kw)
+            else:
+                result = method(self, *args, **kw)
             if type(self)._build_plan is not FusedSchedulerMixin._build_plan:
                 self._plan(0)
             return result
@@ -91,6 +97,75 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
     philox_seed: Optional[int] = None
     #: The StepProgram the last ``step()`` ran (for inspection and benchmarks).
     last_program: Optional[StepProgram] = None
+    #: The :class:`~stepfuse.solvers.plan.SamplingPlan` ``set_timesteps`` installs (``set_plan``).
+    sampling_plan: Optional[SamplingPlan] = None
+    #: Whether ``set_timesteps`` can install a plan's ``sigmas`` (``_install_plan_sigmas``).
+    _accepts_plan_sigmas: bool = False
+
+    # -- sampling plans (stepfuse.plans) ----------------------------------------------------
+    @classmethod
+    def from_plan(cls, plan, config=None, **kwargs):
+        """A scheduler (from ``config`` and ``kwargs``) whose runs follow ``plan``.
+
+        ``plan`` is a :class:`~stepfuse.solvers.plan.SamplingPlan`, its dict or a saved JSON path;
+        ``set_timesteps`` then installs the plan's sigmas (``num_inference_steps`` must be the
+        plan's step count or None) and every step applies the plan's D-ODE scales.
+        """
+        scheduler = cls.from_config(config, **kwargs) if config is not None else cls(**kwargs)
+        scheduler.set_plan(plan)
+        return scheduler
+
+    def set_plan(self, plan) -> None:
+        """Install ``plan`` for the following ``set_timesteps`` calls (``None`` removes it)."""
+        if plan is not None:
+            plan = as_plan(plan)
+            name = type(self).__name__
+            if not self._accepts_plan_sigmas:
+                raise ValueError(f"{name} cannot install a plan's sigmas; use a sigma-based scheduler "
+                                 "(DPM-Solver, UniPC, DEIS, Euler, LMS, flow-match Euler) or stepfuse.k_diffusion")
+            if plan.shifted_sigmas is not None:
+                raise ValueError(f"plan has shifted_sigmas, which {name} cannot apply (its steps start where the "
+                                 "previous one ended); run it with a stepfuse.k_diffusion sampler")
+        self.sampling_plan = plan
+
+    def _set_plan_timesteps(self, method, args, kw):
+        plan = self.sampling_plan
+        params = ["num_inference_steps", "device"]
+        given = dict(zip(params, args))
+        if len(args) > len(params):
+            raise ValueError(f"set_timesteps with a plan takes num_inference_steps and device, got {len(args)} values")
+        given.update(kw)
+        extra = sorted(k for k, v in given.items() if k not in params and v is not None)
+        if extra:
+            raise ValueError(f"set_timesteps with a plan installed cannot take {extra}; call set_plan(None) first")
+        steps = given.get("num_inference_steps")
+        if steps is not None and steps != plan.num_steps:
+            raise ValueError(f"num_inference_steps must be None or the plan's {plan.num_steps} steps, got {steps}")
+        device = given.get("device")
+        result = method(self, plan.num_steps, device=device)
+        self._install_plan_sigmas(np.asarray(plan.sigmas, dtype=np.float64), device)
+        self._reset_run()
+        return result
+
+    def _install_plan_sigmas(self, sigmas: np.ndarray, device) -> None:
+        raise ValueError(f"{type(self).__name__} cannot install a plan's sigmas")
+
+    def _denoised_conversion(self, i: int) -> tuple:
+        """``(p, q)`` with the data prediction ``p * sample + q * kernel model output`` at step ``i``."""
+        raise ValueError(f"{type(self).__name__} cannot apply a plan's D-ODE scales")
+
+    def _apply_plan_scales(self, programs: list) -> list:
+        """Fold the plan's D-ODE scales into the run's programs (``None`` entries stay)."""
+        plan = self.sampling_plan
+        if plan is None or plan.scales is None:
+            return programs
+        plan.check_scales(len(programs), type(self).__name__)
+        width = max_slots(programs)
+        start = next(i for i, p in enumerate(programs) if p is not None)
+        return [None if p is None else
+                extrapolate_denoised(p, plan.scales[i] if i > start else 0.0, i - start, width,
+                                     self._denoised_conversion(i))
+                for i, p in enumerate(programs)]
 
     def _reset_run(self) -> None:
         self._step_index = None
@@ -139,7 +214,7 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
     def _plan(self, start_index: int) -> list:
         plan = self._plan_cache.get(start_index)
         if plan is None:
-            plan = self._plan_cache[start_index] = self._build_plan(start_index)
+            plan = self._plan_cache[start_index] = self._apply_plan_scales(self._build_plan(start_index))
         return plan
 
     def _history_for(self, sample: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ class DPMSolverMultistepScheduler(VPScheduleMixin, FusedSchedulerMixin):
     runs one fused kernel with coefficients computed in float64 by ``set_timesteps``.
     """
 
+    _accepts_plan_sigmas = True
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 

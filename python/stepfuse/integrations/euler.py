@@ -51,6 +51,7 @@ class EulerDiscreteScheduler(KarrasScheduleMixin, FusedSchedulerMixin):
     same ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` and ``generator``.
     """
 
+    _accepts_plan_sigmas = True
     _compatibles = _COMPATIBLES
     order = 1
 
@@ -173,6 +174,7 @@ class EulerAncestralDiscreteScheduler(KarrasScheduleMixin, FusedSchedulerMixin):
     ``prediction_type="sample"``, which diffusers rejects at ``step``, is supported.
     """
 
+    _accepts_plan_sigmas = True
     _compatibles = _COMPATIBLES
     order = 1
 

@@ -22,6 +22,7 @@ class FlowMatchEulerDiscreteScheduler(VPScheduleMixin, FusedSchedulerMixin):
     runs one fused kernel with coefficients computed in float64 by ``set_timesteps``.
     """
 
+    _accepts_plan_sigmas = True
     _compatibles: list = []
     order = 1
 
@@ -76,6 +77,9 @@ class FlowMatchEulerDiscreteScheduler(VPScheduleMixin, FusedSchedulerMixin):
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift!r}")
         self._shift = shift
+
+    def _denoised_conversion(self, i: int) -> tuple:
+        return 1.0, -float(self._sigmas64[i])  # x0 = x - sigma * v on x = (1 - sigma) x0 + sigma eps
 
     def _alpha_sigma64(self, sigmas: np.ndarray) -> tuple:
         return schedules.sigma_to_alpha_sigma_t(sigmas, "flow")

@@ -35,6 +35,7 @@ generator is left where it was.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
@@ -46,6 +47,7 @@ from .. import schedules
 from ..ops import solver_step
 from ..schedules import _check_choice, _check_float, _check_int
 from ..solvers.euler import churn_gamma
+from ..solvers.plan import SamplingPlan, as_plan, extrapolate_denoised
 from ..solvers.program import MAX_SLOTS, OUTPUT, StepProgram
 
 __all__ = [
@@ -74,6 +76,8 @@ __all__ = [
 ]
 
 SAMPLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: While set (by stepfuse.plans.distill_scales), runs with D-ODE scales ask it for each scale.
+SCALE_FIT: contextvars.ContextVar = contextvars.ContextVar("stepfuse_scale_fit", default=None)
 SOLVER_TYPES = ("midpoint", "heun")
 
 Terms = dict  # {"x" | "out" | "noise" | slot: coefficient}, see stepfuse.solvers.program
@@ -374,20 +378,38 @@ class _Run:
     """
 
     def __init__(self, model, x, extra_args, callback, num_slots: int, noise_sampler=None, sigmas=None,
-                 order: Optional[str] = None):
+                 order: Optional[str] = None, plan=None, shifts: bool = False):
         _check_callable("model", model, optional=False)
         _check_sample(x)
         if extra_args is not None and not isinstance(extra_args, Mapping):
             raise TypeError(f"extra_args must be a mapping or None, got {type(extra_args).__name__}")
         _check_callable("callback", callback)
         _check_callable("noise_sampler", noise_sampler)
+        self.plan = plan = None if plan is None else as_plan(plan)
+        if plan is not None:
+            sigmas = _plan_sigmas(plan, sigmas, x.device)
+            if plan.shifted_sigmas is not None and not shifts:
+                raise ValueError("plan has shifted_sigmas, which only sample_euler, sample_heun, sample_dpm_2, "
+                                 "sample_lms and the DPM++ multistep samplers apply")
         self.model, self.x, self.callback, self.sigmas = model, x, callback, sigmas
         self.extra_args = {} if extra_args is None else extra_args
         self.host = _host_sigmas(sigmas, order) if sigmas is not None else None
+        # D-ODE scales (stepfuse.solvers.plan): two more slots hold the running mean of D.
+        self.solver_slots = num_slots
+        self.extrapolates = plan is not None and plan.scales is not None
+        self.scale_fit: Optional[Callable] = SCALE_FIT.get() if self.extrapolates else None
+        self.num_evaluations = 0
+        if self.extrapolates:
+            num_slots += 2
         # float32 ring whatever the sample dtype: stored predictions keep fp32 accuracy.
         self.history = x.new_empty((num_slots, *x.shape), dtype=torch.float32)
         self.s_in = x.new_ones([x.shape[0]])
         self.evaluations = None  # a progress bar counting model evaluations (DPM-Solver-fast/adaptive)
+
+    def start_sigmas(self) -> list:
+        """Where each grid step starts: the plan's shifted sigmas, else the grid's own."""
+        shifted = self.plan.shifted_sigmas if self.plan is not None else None
+        return list(shifted) if shifted is not None else self.host[:-1]
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         # sigma * ones in x's dtype: the values k-diffusion's `sigmas[i] * s_in` gives the model.
@@ -403,9 +425,26 @@ class _Run:
             raise ValueError(f"{name} must have the shape of x {tuple(self.x.shape)}, got {tuple(t.shape)}")
         return t if t.dtype == self.x.dtype else t.to(self.x.dtype)
 
-    def step(self, program: StepProgram, x: torch.Tensor, denoised: torch.Tensor, draw=None) -> torch.Tensor:
+    def step(self, program: StepProgram, x: torch.Tensor, denoised: torch.Tensor, draw=None,
+             evaluated: bool = True) -> torch.Tensor:
+        """Run ``program`` on ``x`` and the model output ``denoised`` (``evaluated=False``: no model call)."""
         noise = self._like_x("noise", draw()) if draw is not None else None
-        return solver_step(x, denoised, self.history, program, noise if program.uses_noise else None)
+        noise = noise if program.uses_noise else None
+        if self.extrapolates and evaluated:
+            k = self.num_evaluations
+            self.num_evaluations += 1
+            if self.scale_fit is not None and k:
+                def trial(scale: float) -> torch.Tensor:
+                    trial_program = extrapolate_denoised(program, scale, k, self.solver_slots)
+                    return solver_step(x, denoised, self.history.clone(), trial_program, noise)
+                scale = self.scale_fit(k, trial)
+            else:
+                scale = self.plan.scales[k] if self.plan.scales is not None else 0.0
+            program = extrapolate_denoised(program, scale, k, self.solver_slots)
+        elif self.extrapolates:
+            program = StepProgram(self.solver_slots + 2, program.targets,
+                                  _pad_rows(program, self.solver_slots + 2))
+        return solver_step(x, denoised, self.history, program, noise)
 
     def advance(self, step: _Step, x: torch.Tensor, report: Optional[Callable] = None) -> tuple:
         """Run one step from ``x``: returns the next sample and the first model output ``D_0``.
@@ -425,6 +464,8 @@ class _Run:
 
     def run_grid(self, steps: Sequence[_Step], disable, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The k-diffusion loop over the sigma grid, from ``x`` (default: the initial sample)."""
+        if self.plan is not None:
+            self.plan.check_scales(sum(len(step.programs) for step in steps), "this sampler")
         x = self.x if x is None else x
         sigmas = self.sigmas
         with _progress(len(steps), disable) as bar:
@@ -435,6 +476,29 @@ class _Run:
                 if bar is not None:
                     bar.update()
         return x
+
+
+def _plan_sigmas(plan: SamplingPlan, sigmas, device) -> torch.Tensor:
+    """The grid of a run with ``plan``: the plan's sigmas; ``sigmas``, when given, must be the same."""
+    planned = torch.tensor(plan.sigmas, dtype=torch.float64)
+    if sigmas is None:
+        return planned.to(device=device, dtype=torch.float32)
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D torch.Tensor or None, got {type(sigmas).__name__}")
+    given = sigmas.detach().to("cpu", torch.float64)
+    if given.shape != planned.shape or not torch.allclose(given, planned, rtol=1e-6, atol=0.0):
+        raise ValueError(f"sigmas do not fit the plan's {plan.num_steps} steps; pass sigmas=None to use the plan's")
+    return sigmas
+
+
+def _pad_rows(program: StepProgram, num_slots: int) -> tuple:
+    """``program``'s coefficients laid out for ``num_slots`` slots (the extra ones unused)."""
+    pad = num_slots - program.num_slots
+    coeffs = []
+    for r in range(len(program.targets)):
+        row = list(program.row(r))
+        coeffs.extend(row[:-1] + [0.0] * pad + row[-1:])
+    return tuple(coeffs)
 
 
 def _noise_draws(noise_sampler, x: torch.Tensor, stochastic: bool) -> Optional[Callable]:
@@ -474,7 +538,7 @@ def _brownian_default(noise_sampler, run: _Run, stochastic: bool):
 
 
 def _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                    second_stage) -> torch.Tensor:
+                    second_stage, plan=None) -> torch.Tensor:
     """Shared loop of sample_euler/heun/dpm_2 (Karras et al. 2022, Alg. 2).
 
     ``second_stage(sigma_hat, sigma_next)`` gives ``(sigma_1, a, keep, b)`` for a second model
@@ -482,20 +546,24 @@ def _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_
     ``x + keep eps_0 + b eps_1``, or None for an Euler step. Churn (lines 4-6): gamma and
     ``sigma_hat = (1 + gamma) sigma`` per step; k-diffusion draws step ``i + 1``'s churn noise
     before that step's model call, and drawing it at the end of step ``i`` keeps that order
-    and lets the step's last program add it.
+    and lets the step's last program add it. A plan's ``shifted_sigmas`` are a noise-free
+    ``sigma_hat`` (the sample is taken to be at that level, Li et al. 2024).
     """
     s_churn = _check_float("s_churn", s_churn, ge=0.0)
     s_tmin, s_tmax = _check_bound("s_tmin", s_tmin), _check_bound("s_tmax", s_tmax)
     s_noise = _check_float("s_noise", s_noise)
-    run = _Run(model, x, extra_args, callback, 1, sigmas=sigmas)
+    run = _Run(model, x, extra_args, callback, 1, sigmas=sigmas, plan=plan, shifts=True)
     host, n = run.host, len(run.host) - 1
+    starts = run.start_sigmas()
+    if s_churn > 0.0 and starts != host[:-1]:
+        raise ValueError("s_churn must be 0 with a plan that has shifted_sigmas")
     gammas = [churn_gamma(s_churn, n, s_tmin <= host[i] <= s_tmax) for i in range(n)]
     # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (gamma + 2)), free of cancellation.
     stds = [s_noise * host[i] * math.sqrt(g * (g + 2.0)) for i, g in enumerate(gammas)] + [0.0]
     draw = (lambda: torch.randn_like(x)) if s_churn > 0.0 else None
     steps = []
     for i, gamma in enumerate(gammas):
-        sigma_hat, sigma_next = host[i] * (1.0 + gamma), host[i + 1]
+        sigma_hat, sigma_next = starts[i] * (1.0 + gamma), host[i + 1]
         next_draw = draw if i + 1 < n else None
         stage = second_stage(sigma_hat, sigma_next) if sigma_next > 0.0 else None
         if stage is None:
@@ -509,7 +577,8 @@ def _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_
     x_start = x
     if draw is not None and n:  # step 0's churn noise, drawn before its model call
         if stds[0]:
-            x_start = run.step(StepProgram.build(1, [(OUTPUT, {"x": 1.0, "noise": stds[0]})]), x, x, draw)
+            x_start = run.step(StepProgram.build(1, [(OUTPUT, {"x": 1.0, "noise": stds[0]})]), x, x, draw,
+                               evaluated=False)
         else:
             draw()  # gamma_0 = 0 (sigma_0 outside [s_tmin, s_tmax]): unused, but k-diffusion draws it
     return run.run_grid(steps, disable, x_start)
@@ -530,26 +599,26 @@ def _dpm_2_stage(sigma_hat: float, sigma_next: float) -> tuple:
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=float("inf"), s_noise=1.0):
+                 s_tmax=float("inf"), s_noise=1.0, *, plan=None):
     """Euler steps with optional churn (Karras et al. 2022, Alg. 2 with Euler steps)."""
     return _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                           lambda sigma_hat, sigma_next: None)
+                           lambda sigma_hat, sigma_next: None, plan)
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                s_tmax=float("inf"), s_noise=1.0):
+                s_tmax=float("inf"), s_noise=1.0, *, plan=None):
     """Heun's method with optional churn (Karras et al. 2022, Alg. 2); an Euler step into sigma = 0."""
     return _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                           _heun_stage)
+                           _heun_stage, plan)
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=float("inf"), s_noise=1.0):
+                 s_tmax=float("inf"), s_noise=1.0, *, plan=None):
     """DPM-Solver-2 steps in Karras et al.'s Alg. 2 loop (optional churn); an Euler step into sigma = 0."""
     return _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                           _dpm_2_stage)
+                           _dpm_2_stage, plan)
 
 
 # --------------------------------------------------------------------------------------
@@ -558,19 +627,19 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 
 def _ancestral_run(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler,
-                   brownian_default: bool = False) -> tuple:
+                   brownian_default: bool = False, plan=None) -> tuple:
     """Checks shared by the ancestral samplers: ``(run, eta, s_noise, noise_sampler, draws)``."""
     eta = _check_float("eta", eta, ge=0.0)
     s_noise = _check_float("s_noise", s_noise)
     # Ancestral noise needs sigma_next <= sigma (sigma_up^2 >= 0).
-    run = _Run(model, x, extra_args, callback, 1, noise_sampler, sigmas, "nonincreasing" if eta else None)
+    run = _Run(model, x, extra_args, callback, 1, noise_sampler, sigmas, "nonincreasing" if eta else None, plan)
     if brownian_default:
         noise_sampler = _brownian_default(noise_sampler, run, eta > 0.0)
     return run, eta, s_noise, noise_sampler, _noise_draws(noise_sampler, x, eta > 0.0)
 
 
 def _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                       stage, noise_after_euler: bool) -> torch.Tensor:
+                       stage, noise_after_euler: bool, plan=None) -> torch.Tensor:
     """Shared loop of the ancestral samplers: down to ``sigma_down``, then noise of std ``sigma_up``.
 
     ``stage(sigma, sigma_down)`` gives ``(sigma_1, u_1 terms, kept terms, update terms)`` of a
@@ -579,7 +648,7 @@ def _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_n
     DPM++(2S) (``noise_after_euler``) but not in DPM-2 ancestral.
     """
     run, eta, s_noise, noise_sampler, draws = _ancestral_run(model, x, sigmas, extra_args, callback, eta, s_noise,
-                                                              noise_sampler)
+                                                              noise_sampler, plan=plan)
     host, steps = run.host, []
     for i in range(len(host) - 1):
         sigma, sigma_next = host[i], host[i + 1]
@@ -600,10 +669,10 @@ def _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_n
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                           noise_sampler=None):
+                           noise_sampler=None, *, plan=None):
     """Ancestral sampling with Euler steps (DDPM's ancestral noise, Ho et al. 2020, on VE sigmas)."""
     return _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                              lambda sigma, sigma_down: None, noise_after_euler=True)
+                              lambda sigma, sigma_down: None, noise_after_euler=True, plan=plan)
 
 
 def _dpm_2_ancestral_stage(sigma: float, sigma_down: float) -> tuple:
@@ -613,10 +682,10 @@ def _dpm_2_ancestral_stage(sigma: float, sigma_down: float) -> tuple:
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                           noise_sampler=None):
+                           noise_sampler=None, *, plan=None):
     """Ancestral sampling with DPM-Solver-2 steps down to ``sigma_down``."""
     return _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                              _dpm_2_ancestral_stage, noise_after_euler=False)
+                              _dpm_2_ancestral_stage, noise_after_euler=False, plan=plan)
 
 
 def _dpmpp_2s_stage(sigma: float, sigma_down: float) -> tuple:
@@ -630,15 +699,15 @@ def _dpmpp_2s_stage(sigma: float, sigma_down: float) -> tuple:
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                              s_noise=1.0, noise_sampler=None):
+                              s_noise=1.0, noise_sampler=None, *, plan=None):
     """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
     return _ancestral_sampler(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                              _dpmpp_2s_stage, noise_after_euler=True)
+                              _dpmpp_2s_stage, noise_after_euler=True, plan=plan)
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                     noise_sampler=None, r=1 / 2):
+                     noise_sampler=None, r=1 / 2, *, plan=None):
     """Stochastic DPM-Solver++ (k-diffusion's "DPM++ SDE"): two ancestral data-prediction stages.
 
     With ``lambda = -log sigma``: an ancestral first-order step from ``sigma`` towards
@@ -649,7 +718,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     """
     r = _check_float("r", r, gt=0.0)
     run, eta, s_noise, noise_sampler, draws = _ancestral_run(model, x, sigmas, extra_args, callback, eta, s_noise,
-                                                              noise_sampler, brownian_default=True)
+                                                              noise_sampler, brownian_default=True, plan=plan)
     fac = 1.0 / (2.0 * r)
     host_args = _takes_floats(noise_sampler)
     if draws is not None:
@@ -722,21 +791,28 @@ def _dpmpp_multistep_coefficients(sigma: float, sigma_next: float, hs: Sequence[
 
 
 def _dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                     solver_type, max_order, first_order_last) -> torch.Tensor:
-    """Shared loop of the DPM-Solver++ multistep samplers; ring slot ``i % max_order`` holds ``D_i``."""
+                     solver_type, max_order, first_order_last, plan=None) -> torch.Tensor:
+    """Shared loop of the DPM-Solver++ multistep samplers; ring slot ``i % max_order`` holds ``D_i``.
+
+    Step ``i`` runs from where its model call is made (the grid sigma, or a plan's shifted
+    one) to the next grid sigma; the divided differences use the log-sigma distances between
+    the points where the stored ``D`` were evaluated.
+    """
     eta = _check_float("eta", eta, ge=0.0)
     s_noise = _check_float("s_noise", s_noise)
     _check_choice("solver_type", solver_type, SOLVER_TYPES)
-    run = _Run(model, x, extra_args, callback, max_order, noise_sampler, sigmas, "decreasing")
+    run = _Run(model, x, extra_args, callback, max_order, noise_sampler, sigmas, "decreasing", plan, shifts=True)
     noise_sampler = _brownian_default(noise_sampler, run, eta > 0.0)
     draws = _noise_draws(noise_sampler, x, eta > 0.0) if eta else None  # k-diffusion draws only if eta
     host, n = run.host, len(run.host) - 1
-    hs = [math.log(host[i] / host[i + 1]) if host[i + 1] > 0.0 else math.inf for i in range(n)]
+    starts = run.start_sigmas()
     steps = []
     for i in range(n):
-        sigma, sigma_next = host[i], host[i + 1]
+        sigma, sigma_next = starts[i], host[i + 1]
         order = 1 if first_order_last and sigma_next == 0.0 else min(i + 1, max_order)
-        a, b, std = _dpmpp_multistep_coefficients(sigma, sigma_next, hs[i::-1][:order], eta, solver_type)
+        h = math.log(sigma / sigma_next) if sigma_next > 0.0 else math.inf
+        hs = [h] + [math.log(starts[i - j] / starts[i - j + 1]) for j in range(1, order)]
+        a, b, std = _dpmpp_multistep_coefficients(sigma, sigma_next, hs, eta, solver_type)
         update = {"x": a, "out": b[0], "noise": s_noise * std}
         program = _ring_program(max_order, i, {"out": 1.0}, update, b[1:], store=i + 1 < n)
         draw = draws(*_grid_noise_args(noise_sampler, run, i)) if draws is not None and std else None
@@ -745,26 +821,26 @@ def _dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, eta, s_noi
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, plan=None):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2); first order on the first and last steps."""
     return _dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, "midpoint", 2,
-                            first_order_last=True)
+                            first_order_last=True, plan=plan)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                        noise_sampler=None, solver_type="midpoint"):
+                        noise_sampler=None, solver_type="midpoint", *, plan=None):
     """DPM-Solver++(2M) SDE; ``solver_type`` 'midpoint' or 'heun' weights the divided difference."""
     return _dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                            solver_type, 2, first_order_last=False)
+                            solver_type, 2, first_order_last=False, plan=plan)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                        noise_sampler=None):
+                        noise_sampler=None, *, plan=None):
     """DPM-Solver++(3M) SDE: third-order multistep data prediction with ``eta``-scaled noise."""
     return _dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                            "heun", 3, first_order_last=False)
+                            "heun", 3, first_order_last=False, plan=plan)
 
 
 def _lagrange_integrals(nodes: Sequence[float], lo: float, hi: float) -> list:
@@ -781,7 +857,7 @@ def _lagrange_integrals(nodes: Sequence[float], lo: float, hi: float) -> list:
 
 
 @torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, plan=None):
     """Linear multistep in sigma: integrate the polynomial through the last ``order`` slopes.
 
     Variable-step Adams-Bashforth on ``dx/dsigma = (x - D) / sigma``: the slope is
@@ -789,12 +865,13 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
     ``[sigma_i, sigma_{i+1}]``. Ring slot ``i % order`` holds the slope ``d_i``.
     """
     order = _check_int("order", order, minimum=1, maximum=MAX_SLOTS)
-    run = _Run(model, x, extra_args, callback, order, sigmas=sigmas, order="decreasing")
+    run = _Run(model, x, extra_args, callback, order, sigmas=sigmas, order="decreasing", plan=plan, shifts=True)
     host, n = run.host, len(run.host) - 1
+    starts = run.start_sigmas()  # where each slope is evaluated (the grid, or a plan's shifted sigmas)
     steps = []
     for i in range(n):
-        sigma, cur = host[i], min(i + 1, order)
-        coeffs = _lagrange_integrals([host[i - j] for j in range(cur)], sigma, host[i + 1])
+        sigma, cur = starts[i], min(i + 1, order)
+        coeffs = _lagrange_integrals([starts[i - j] for j in range(cur)], sigma, host[i + 1])
         program = _ring_program(order, i, _eps(1.0, sigma), _x_plus_eps(coeffs[0], sigma), coeffs[1:],
                                 store=i + 1 < n)
         steps.append(_Step([sigma], [program], [None]))

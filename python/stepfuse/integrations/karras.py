@@ -17,6 +17,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import schedules
+from ..solvers.euler import data_prediction
 from ..solvers.program import StepProgram
 from .diffusers_base import LazyStepTuple, check_choice
 from .vp import VPScheduleMixin
@@ -56,6 +57,20 @@ class KarrasScheduleMixin(VPScheduleMixin):
     def _set_karras_schedule(self, scheduler_name: str, num_inference_steps, device, **kwargs) -> None:
         self._set_schedule(scheduler_name, num_inference_steps, device, **kwargs)
         self._derive_ve_state()
+
+    def _timesteps_for_sigmas(self, sigmas: np.ndarray) -> np.ndarray:
+        # diffusers' Euler with custom sigmas: log-sigma interpolation on the float32 training sigmas.
+        train = schedules.vp_sigmas(self.alphas_cumprod.double().numpy(), precision="float32")
+        return schedules.sigma_to_t(sigmas, np.log(train.astype(np.float64)))
+
+    def _install_plan_sigmas(self, sigmas: np.ndarray, device) -> None:
+        super()._install_plan_sigmas(sigmas, device)
+        if getattr(self, "_continuous_timesteps", False):
+            self.timesteps = self._noise_conditioning(self.sigmas[:-1]).to(device)
+        self._derive_ve_state()
+
+    def _denoised_conversion(self, i: int) -> tuple:
+        return data_prediction(self.config.prediction_type, float(self._sigmas64[i]))
 
     def _derive_ve_state(self) -> None:
         # diffusers evaluates both on its float32 CPU sigmas; doing the same here gives its exact values.

@@ -74,6 +74,7 @@ class LMSDiscreteScheduler(KarrasScheduleMixin, FusedSchedulerMixin):
     ``order`` must stay the same within a run (diffusers' slope list is trimmed to it).
     """
 
+    _accepts_plan_sigmas = True
     _compatibles = _COMPATIBLES
     order = 1
 

@@ -36,6 +36,7 @@ class UniPCMultistepScheduler(VPScheduleMixin, FusedSchedulerMixin):
     sigma = 0 (``lower_order_final=False``) has no limit and raises ``ValueError``.
     """
 
+    _accepts_plan_sigmas = True
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 

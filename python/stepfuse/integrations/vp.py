@@ -69,6 +69,31 @@ class VPScheduleMixin:
         self.num_inference_steps = len(timesteps)
         self._reset_run()
 
+    def _install_plan_sigmas(self, sigmas: np.ndarray, device) -> None:
+        """A :class:`~stepfuse.solvers.plan.SamplingPlan`'s sigmas as the inference schedule.
+
+        Timesteps follow from the sigmas as diffusers derives them for Karras / exponential
+        spacings (log-sigma interpolation on the training schedule, or ``sigma * T`` for flow
+        sigmas), rounded when the scheduler's own timesteps are integers.
+        """
+        self._sigmas64 = sigmas
+        self._alpha64, self._sigma64 = self._alpha_sigma64(sigmas)
+        self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+        integer = not self.timesteps.dtype.is_floating_point
+        t = self._timesteps_for_sigmas(sigmas[:-1])
+        t = np.round(t).astype(np.int64) if integer else t.astype(np.float32)
+        self.timesteps = torch.from_numpy(t).to(device)
+        self.num_inference_steps = len(t)
+
+    def _timesteps_for_sigmas(self, sigmas: np.ndarray) -> np.ndarray:
+        if getattr(self.config, "use_flow_sigmas", False) or not hasattr(self, "_alphas_cumprod64"):
+            return sigmas * self.config.num_train_timesteps  # flow-match time t = sigma * T
+        return schedules.sigma_to_t(sigmas, np.log(self._train_sigmas64))
+
+    def _denoised_conversion(self, i: int) -> tuple:
+        # With thresholding the kernel already receives the (thresholded) data prediction.
+        return (0.0, 1.0) if getattr(self.config, "thresholding", False) else self._x0_conversion(i)
+
     def _x0_conversion(self, i: int) -> tuple:
         """(p, q) with the data prediction x0 = p * sample + q * model_output at step i."""
         alpha, sigma = self._alpha64[i], self._sigma64[i]

@@ -5,7 +5,9 @@
 
 from ..integrations.ddim import DDIMScheduler
 from ..integrations.ddpm import DDPMScheduler
+from ..integrations.deis_multistep import DEISMultistepScheduler
 from ..integrations.dpmsolver_multistep import DPMSolverMultistepScheduler
+from ..integrations.dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from ..integrations.edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from ..integrations.edm_euler import EDMEulerScheduler
 from ..integrations.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
@@ -16,13 +18,16 @@ from ..integrations.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteS
 from ..integrations.lcm import LCMScheduler
 from ..integrations.lms import LMSDiscreteScheduler
 from ..integrations.pndm import PNDMScheduler
+from ..integrations.sasolver import SASolverScheduler
 from ..integrations.tcd import TCDScheduler
 from ..integrations.unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
@@ -36,6 +41,7 @@ __all__ = [
     "LCMScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
+    "SASolverScheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",
 ]

@@ -317,6 +317,11 @@ SOLVER_CONFIGS = [
     ("heun", "HeunDiscreteScheduler", {}),
     ("ddim", "DDIMScheduler", {"clip_sample": False}),
     ("flow euler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("deis 2", "DEISMultistepScheduler", {"solver_order": 2}),
+    ("deis 3", "DEISMultistepScheduler", {"solver_order": 3}),
+    ("dpm++ 2S", "DPMSolverSinglestepScheduler", {"solver_order": 2}),
+    ("dpm++ 3S", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("lms 4", "LMSDiscreteScheduler", {}),
 ]
 # Spacing flag per name; a scheduler supports a spacing when its __init__ takes the flag.
 SPACINGS = {
