@@ -847,12 +847,16 @@ def _lagrange_integrals(nodes: Sequence[float], lo: float, hi: float) -> list:
     """``int_lo^hi l_j(tau) dtau`` for the Lagrange basis ``l_j`` on ``nodes`` (exact, float64)."""
     weights = []
     for j, node in enumerate(nodes):
-        basis = np.polynomial.Polynomial([1.0])
+        # Coefficients of l_j (lowest power first), built in plain floats: a handful of nodes,
+        # where NumPy's polynomial objects would cost more than the sampler step itself.
+        basis = [1.0]
         for k, other in enumerate(nodes):
             if k != j:
-                basis = basis * np.polynomial.Polynomial([-other, 1.0]) / (node - other)
-        antiderivative = basis.integ()
-        weights.append(float(antiderivative(hi) - antiderivative(lo)))
+                scale = 1.0 / (node - other)
+                shifted = [0.0] + basis
+                basis = [(shifted[p] - other * (basis[p] if p < len(basis) else 0.0)) * scale
+                         for p in range(len(shifted))]
+        weights.append(sum(c / (p + 1) * (hi ** (p + 1) - lo ** (p + 1)) for p, c in enumerate(basis)))
     return weights
 
 
