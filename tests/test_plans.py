@@ -105,6 +105,19 @@ def test_scales_match_reference(gmm, sampler):
     assert not torch.equal(ours, fn(gmm.denoise, x, sigmas, disable=True, **extra))
 
 
+def test_scales_with_churn_noise(gmm):
+    """Churn adds noise before the first model call; the scales still count only model evaluations."""
+    sigmas = kd.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    scales = [0.0, 0.2, -0.1, 0.1]
+    x = _start(gmm, 16, 0)
+    torch.manual_seed(3)
+    ours = kd.sample_euler(gmm.denoise, x, None, s_churn=1.0, disable=True,
+                           plan=SamplingPlan(sigmas=sigmas.tolist(), scales=scales))
+    torch.manual_seed(3)
+    ref = kd.sample_euler(_dode_model(gmm.denoise, scales), x, sigmas, s_churn=1.0, disable=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_extrapolate_program_layout():
     prog = StepProgram.build(1, [(0, {"out": 1.0}), (OUTPUT, {"x": 0.5, "out": 0.5, 0: 0.1})])
     first = extrapolate_denoised(prog, 0.0, 0, 1)

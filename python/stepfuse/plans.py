@@ -62,9 +62,9 @@ def load_plan(path) -> SamplingPlan:
     return SamplingPlan.load(path)
 
 
-def _sampler(name: str, allowed: Sequence[str]) -> Callable:
+def _sampler(name: str, allowed: Sequence[str], argument: str = "solver") -> Callable:
     if not isinstance(name, str) or name not in allowed:
-        raise ValueError(f"solver must be one of {list(allowed)}, got {name!r}")
+        raise ValueError(f"{argument} must be one of {list(allowed)}, got {name!r}")
     if name == "dpmpp_3m":
         return functools.partial(kd.sample_dpmpp_3m_sde, eta=0.0)
     return getattr(kd, f"sample_{name}")
@@ -83,12 +83,17 @@ def _check_model_x(model, x) -> None:
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
 
 
-def _grid(sigmas, name: str = "sigmas") -> np.ndarray:
-    if isinstance(sigmas, SamplingPlan):
-        sigmas = sigmas.sigmas
-    if isinstance(sigmas, torch.Tensor):
-        sigmas = sigmas.detach().to("cpu", torch.float64).tolist()
-    return np.asarray(SamplingPlan(sigmas=sigmas).sigmas, dtype=np.float64)  # validates
+def _base_plan(plan) -> SamplingPlan:
+    """``plan`` itself, or a plan on the sigma grid ``plan`` (a sequence or a tensor; validated)."""
+    if isinstance(plan, SamplingPlan):
+        return plan
+    if isinstance(plan, torch.Tensor):
+        plan = plan.detach().to("cpu", torch.float64).tolist()
+    return SamplingPlan(sigmas=plan)
+
+
+def _grid(sigmas) -> np.ndarray:
+    return np.asarray(_base_plan(sigmas).sigmas, dtype=np.float64)
 
 
 def refine_sigmas(sigmas, substeps: int, rho: float = 7.0) -> np.ndarray:
@@ -112,7 +117,7 @@ def refine_sigmas(sigmas, substeps: int, rho: float = 7.0) -> np.ndarray:
 
 
 @torch.no_grad()
-def teacher_trajectory(model, x, sigmas, extra_args=None, sampler: str = "heun") -> tuple:
+def teacher_trajectory(model, x, sigmas, extra_args=None, teacher: str = "heun") -> tuple:
     """States and data predictions of a fine run through ``sigmas`` from ``x``.
 
     Returns ``(states, denoised)``: ``states[n]`` is the sample at ``sigmas[n]`` (``[N + 1, *x.shape]``,
@@ -120,7 +125,7 @@ def teacher_trajectory(model, x, sigmas, extra_args=None, sampler: str = "heun")
     """
     _check_model_x(model, x)
     grid = _grid(sigmas)
-    run = _sampler(sampler, ("euler", "heun", "dpm_2", "dpmpp_2m", "lms"))
+    run = _sampler(teacher, ("euler", "heun", "dpm_2", "dpmpp_2m", "lms"), "teacher")
     states, denoised = [], []
 
     def record(info):
@@ -179,7 +184,7 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     run = _sampler(solver, SINGLE_EVALUATION)
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise ValueError(f"max_evaluations must be an int >= 1, got {max_evaluations!r}")
-    base = plan if isinstance(plan, SamplingPlan) else SamplingPlan(sigmas=_grid(plan))
+    base = _base_plan(plan)
     if base.num_steps < 2:
         return base
     substeps = max(1, -(-teacher_steps // base.num_steps))
@@ -238,9 +243,7 @@ def distill_scales(model, x, plan, solver: str = "dpmpp_2m", teacher_substeps: i
     """
     _check_model_x(model, x)
     run = _sampler(solver, SINGLE_EVALUATION)
-    base = plan if isinstance(plan, SamplingPlan) else SamplingPlan(sigmas=_grid(plan))
-    if base.shifted_sigmas is not None and teacher not in SHIFTING:
-        raise ValueError(f"teacher must be one of {list(SHIFTING)} for a plan with shifted sigmas")
+    base = _base_plan(plan)
     fine = refine_sigmas(base.sigmas, teacher_substeps)
     states, _ = teacher_trajectory(model, x, fine, extra_args, teacher)
     targets = states[::teacher_substeps].to(torch.float64)
@@ -282,7 +285,7 @@ def time_shift(model, x, plan, solver: str = "dpmpp_2m", window: float = 0.25, t
     run = _sampler(solver, SHIFTING)
     if not (isinstance(window, (int, float)) and math.isfinite(window) and window >= 0):
         raise ValueError(f"window must be a non-negative number, got {window!r}")
-    base = plan if isinstance(plan, SamplingPlan) else SamplingPlan(sigmas=_grid(plan))
+    base = _base_plan(plan)
     sig = list(base.sigmas)
     fine = refine_sigmas(sig, teacher_substeps)
     states, _ = teacher_trajectory(model, x, fine, extra_args, teacher)

@@ -11,7 +11,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from ..solvers.deis import ALGORITHMS, SOLVER_TYPES, check_schedule, deis_coefficients, noise_conversion
 from ..solvers.thresholding import dynamic_threshold
-from .diffusers_base import FusedSchedulerMixin, check_choice
+from .diffusers_base import FusedSchedulerMixin, check_choice, legacy_choice
 from .euler import _check_sigma_flags
 from .k_diffusion import _ring_program
 from .vp import VPScheduleMixin
@@ -60,12 +60,8 @@ class DEISMultistepScheduler(VPScheduleMixin, FusedSchedulerMixin):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
     ):
-        if algorithm_type in _LEGACY_ALGORITHMS:
-            algorithm_type = ALGORITHMS[0]
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in _LEGACY_SOLVER_TYPES:
-            solver_type = SOLVER_TYPES[0]
-            self.register_to_config(solver_type=solver_type)
+        algorithm_type = legacy_choice(self, "algorithm_type", algorithm_type, _LEGACY_ALGORITHMS, ALGORITHMS[0])
+        solver_type = legacy_choice(self, "solver_type", solver_type, _LEGACY_SOLVER_TYPES, SOLVER_TYPES[0])
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)

@@ -30,6 +30,14 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def legacy_choice(scheduler, name: str, value, legacy: Sequence, replacement):
+    """``value``, or ``replacement`` (also written to the config) where diffusers maps a legacy name."""
+    if value in legacy:
+        scheduler.register_to_config(**{name: replacement})
+        return replacement
+    return value
+
+
 class LazyStepTuple(tuple):
     """``(prev_sample, pred_original_sample)`` whose second entry is computed only when read.
 

@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from .. import schedules
 from ..solvers.dpmsolver import ALGORITHMS, SOLVER_TYPES, multistep_plan
 from ..solvers.thresholding import dynamic_threshold
-from .diffusers_base import FusedSchedulerMixin, check_choice
+from .diffusers_base import FusedSchedulerMixin, check_choice, legacy_choice
 from .vp import VPScheduleMixin
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -63,12 +63,8 @@ class DPMSolverMultistepScheduler(VPScheduleMixin, FusedSchedulerMixin):
         time_shift_type: str = "exponential",
     ):
         # diffusers maps these legacy names onto its own choices.
-        if algorithm_type == "deis":
-            algorithm_type = "dpmsolver++"
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = "midpoint"
-            self.register_to_config(solver_type=solver_type)
+        algorithm_type = legacy_choice(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        solver_type = legacy_choice(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)

@@ -11,8 +11,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from ..solvers.dpmsolver import SOLVER_TYPES, singlestep_orders, singlestep_plan
-from .diffusers_base import FusedSchedulerMixin, check_choice
+from .diffusers_base import FusedSchedulerMixin, check_choice, legacy_choice
 from .dpmsolver_multistep import PREDICTION_TYPES, VARIANCE_TYPES, DPMSolverMultistepScheduler
+from .euler import _check_sigma_flags
 from .vp import VPScheduleMixin
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,8 @@ class DPMSolverSinglestepScheduler(VPScheduleMixin, FusedSchedulerMixin):
         time_shift_type: str = "exponential",
     ):
         # diffusers maps these legacy names onto its own choices.
-        if algorithm_type == "deis":
-            algorithm_type = "dpmsolver++"
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = "midpoint"
-            self.register_to_config(solver_type=solver_type)
+        algorithm_type = legacy_choice(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        solver_type = legacy_choice(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -80,8 +77,7 @@ class DPMSolverSinglestepScheduler(VPScheduleMixin, FusedSchedulerMixin):
         check_choice("time_shift_type", time_shift_type, ("exponential",))
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-        if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
-            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be True")
+        _check_sigma_flags(self.config)
         if algorithm_type == "dpmsolver" and final_sigmas_type == "zero":
             raise ValueError("final_sigmas_type 'zero' needs algorithm_type dpmsolver++ or sde-dpmsolver++; "
                              "use 'sigma_min' with 'dpmsolver'")

@@ -19,7 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ..solvers.dpmsolver import SOLVER_TYPES, multistep_plan
 from ..solvers.thresholding import dynamic_threshold
-from .diffusers_base import FusedSchedulerMixin, check_choice
+from .diffusers_base import FusedSchedulerMixin, check_choice, legacy_choice
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .edm_euler import EDMScheduleMixin, _ramp
 from .karras import KarrasScheduleMixin
@@ -59,10 +59,8 @@ class EDMDPMSolverMultistepScheduler(EDMScheduleMixin, KarrasScheduleMixin, Fuse
         final_sigmas_type: str = "zero",
     ):
         # diffusers maps these legacy names onto its own choices.
-        if algorithm_type == "deis":
-            self.register_to_config(algorithm_type="dpmsolver++")
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
+        legacy_choice(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        legacy_choice(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         check_choice("algorithm_type", self.config.algorithm_type, EDM_ALGORITHMS)
         check_choice("solver_type", self.config.solver_type, SOLVER_TYPES)
         # Only epsilon / v_prediction have an EDM c_out (diffusers fails on "sample" at the first step).

@@ -427,7 +427,11 @@ class _Run:
 
     def step(self, program: StepProgram, x: torch.Tensor, denoised: torch.Tensor, draw=None,
              evaluated: bool = True) -> torch.Tensor:
-        """Run ``program`` on ``x`` and the model output ``denoised`` (``evaluated=False``: no model call)."""
+        """Run ``program`` on ``x`` and the model output ``denoised``.
+
+        ``evaluated=False`` marks a program that follows no model call (``denoised`` is a
+        placeholder); it must be built for the whole ring (:attr:`num_slots`).
+        """
         noise = self._like_x("noise", draw()) if draw is not None else None
         noise = noise if program.uses_noise else None
         if self.extrapolates and evaluated:
@@ -439,12 +443,14 @@ class _Run:
                     return solver_step(x, denoised, self.history.clone(), trial_program, noise)
                 scale = self.scale_fit(k, trial)
             else:
-                scale = self.plan.scales[k] if self.plan.scales is not None else 0.0
+                scale = self.plan.scales[k]
             program = extrapolate_denoised(program, scale, k, self.solver_slots)
-        elif self.extrapolates:
-            program = StepProgram(self.solver_slots + 2, program.targets,
-                                  _pad_rows(program, self.solver_slots + 2))
         return solver_step(x, denoised, self.history, program, noise)
+
+    @property
+    def num_slots(self) -> int:
+        """History slots of the run: the solver's, plus the D-ODE mean slots of a plan with scales."""
+        return self.history.shape[0]
 
     def advance(self, step: _Step, x: torch.Tensor, report: Optional[Callable] = None) -> tuple:
         """Run one step from ``x``: returns the next sample and the first model output ``D_0``.
@@ -489,16 +495,6 @@ def _plan_sigmas(plan: SamplingPlan, sigmas, device) -> torch.Tensor:
     if given.shape != planned.shape or not torch.allclose(given, planned, rtol=1e-6, atol=0.0):
         raise ValueError(f"sigmas do not fit the plan's {plan.num_steps} steps; pass sigmas=None to use the plan's")
     return sigmas
-
-
-def _pad_rows(program: StepProgram, num_slots: int) -> tuple:
-    """``program``'s coefficients laid out for ``num_slots`` slots (the extra ones unused)."""
-    pad = num_slots - program.num_slots
-    coeffs = []
-    for r in range(len(program.targets)):
-        row = list(program.row(r))
-        coeffs.extend(row[:-1] + [0.0] * pad + row[-1:])
-    return tuple(coeffs)
 
 
 def _noise_draws(noise_sampler, x: torch.Tensor, stochastic: bool) -> Optional[Callable]:
@@ -577,8 +573,8 @@ def _karras_sampler(model, x, sigmas, extra_args, callback, disable, s_churn, s_
     x_start = x
     if draw is not None and n:  # step 0's churn noise, drawn before its model call
         if stds[0]:
-            x_start = run.step(StepProgram.build(1, [(OUTPUT, {"x": 1.0, "noise": stds[0]})]), x, x, draw,
-                               evaluated=False)
+            churn = StepProgram.build(run.num_slots, [(OUTPUT, {"x": 1.0, "noise": stds[0]})])
+            x_start = run.step(churn, x, x, draw, evaluated=False)
         else:
             draw()  # gamma_0 = 0 (sigma_0 outside [s_tmin, s_tmax]): unused, but k-diffusion draws it
     return run.run_grid(steps, disable, x_start)

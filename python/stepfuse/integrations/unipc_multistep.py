@@ -13,7 +13,7 @@ from .. import schedules
 from ..solvers.program import MAX_SLOTS
 from ..solvers.thresholding import dynamic_threshold
 from ..solvers.unipc import SOLVER_TYPES, unipc_plan
-from .diffusers_base import FusedSchedulerMixin, check_choice
+from .diffusers_base import FusedSchedulerMixin, check_choice, legacy_choice
 from .vp import VPScheduleMixin
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -74,9 +74,7 @@ class UniPCMultistepScheduler(VPScheduleMixin, FusedSchedulerMixin):
         shift_terminal: Optional[float] = None,
     ):
         # diffusers maps DPM-Solver's solver types onto bh2.
-        if solver_type in ("midpoint", "heun", "logrho"):
-            solver_type = "bh2"
-            self.register_to_config(solver_type=solver_type)
+        solver_type = legacy_choice(self, "solver_type", solver_type, ("midpoint", "heun", "logrho"), "bh2")
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, schedules.FINAL_SIGMAS_TYPES)

@@ -22,6 +22,7 @@ step stays one fused kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -97,9 +98,8 @@ class SamplingPlan:
         return len(self.sigmas) - 1
 
     def replace(self, **changes) -> "SamplingPlan":
-        values = {k: getattr(self, k) for k in ("sigmas", "scales", "shifted_sigmas", "solver", "metadata")}
-        values.update(changes)
-        return SamplingPlan(**values)
+        """A copy with ``changes`` applied, validated like a new plan."""
+        return dataclasses.replace(self, **changes)
 
     def check_scales(self, num_evaluations: int, who: str) -> None:
         """Raise unless the plan's scales fit ``num_evaluations`` model evaluations of ``who``."""
