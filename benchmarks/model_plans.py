@@ -47,6 +47,9 @@ def fitted_plans(model, calibration, num_steps: int, sigma_min: float, sigma_max
             out.append((f"{solver} {label}", solver, plan))
             out.append((f"{solver} {label} + d-ode", solver,
                         plans.distill_scales(model, calibration, plan, solver, extra_args=extra_args)))
+        out.append((f"{solver} joint search (levels + d-ode)", solver,
+                    plans.search_schedule(model, calibration, searched, solver=solver, max_evaluations=5 * search,
+                                          extra_args=extra_args, scales=True)))
         out.append((f"{solver} karras + time shift", solver,
                     plans.time_shift(model, calibration, karras, solver=solver, window=0.1, extra_args=extra_args)))
         if progress:

@@ -266,3 +266,14 @@ def test_discrete_vp_denoiser_matches_definition():
     torch.testing.assert_close(den(x, sigma), expected)
     with pytest.raises(ValueError, match="prediction_type"):
         plans.DiscreteVPDenoiser(net, acp, prediction_type="flow")
+
+
+def test_joint_search_fits_scales(gmm):
+    calibration = _start(gmm, 128, 1)
+    karras = kd.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    found = plans.search_schedule(gmm.denoise, calibration, karras, solver="dpmpp_2m", teacher_steps=40,
+                                  max_evaluations=120, scales=True)
+    assert found.scales is not None and len(found.scales) == 4 and found.scales[0] == 0.0
+    assert found.metadata["mse_after"] < found.metadata["mse_before"]
+    with pytest.raises(TypeError, match="scales"):
+        plans.search_schedule(gmm.denoise, calibration, karras, scales=1)

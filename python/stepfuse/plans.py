@@ -166,7 +166,7 @@ def optimal_schedule(model, x, num_steps: int, sigma_min: float, sigma_max: floa
 
 @torch.no_grad()
 def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int = 200, max_evaluations: int = 400,
-                    extra_args=None) -> SamplingPlan:
+                    extra_args=None, scales: bool = False) -> SamplingPlan:
     """Move ``plan``'s interior noise levels to minimise ``solver``'s end-point error on ``x``.
 
     The DP of :func:`optimal_schedule` scores a first-order step; a multistep solver's error
@@ -176,7 +176,9 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     levels (the first level and the last are kept), starting from ``plan``; the approach of
     learning a sampler's schedule against its own output (Watson et al. 2021, "Learning Fast
     Samplers for Diffusion Models by Differentiating Through Sample Quality"), derivative-free.
-    Each evaluation costs one student run (``K`` model calls on the batch).
+    With ``scales`` the D-ODE scales of steps ``1 .. K-1`` are searched jointly with the levels
+    (from ``plan``'s scales, or 0): the end point, not each step's landing, is then what they
+    fit. Each evaluation costs one student run (``K`` model calls on the batch).
     """
     from scipy.optimize import minimize
 
@@ -184,6 +186,8 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     run = _sampler(solver, SINGLE_EVALUATION)
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise ValueError(f"max_evaluations must be an int >= 1, got {max_evaluations!r}")
+    if not isinstance(scales, bool):
+        raise TypeError(f"scales must be a bool, got {type(scales).__name__}")
     base = _base_plan(plan)
     if base.num_steps < 2:
         return base
@@ -193,12 +197,14 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     # Levels may not fall far below the plan's smallest positive one (a step of ~0 length wastes
     # a model call and leaves nothing to divide by).
     floor = 0.5 * min(s for s in base.sigmas if s > 0.0)
+    interior = base.num_steps - 1
 
     def plan_of(v):
-        inner = np.exp(np.asarray(v, dtype=np.float64))
+        inner = np.exp(np.asarray(v[:interior], dtype=np.float64))
         if inner.min() < floor:
             raise ValueError("level below the floor")
-        return base.replace(sigmas=[first, *inner.tolist(), last], scales=None, shifted_sigmas=None)
+        fitted = [0.0, *(float(c) for c in v[interior:])] if scales else None
+        return base.replace(sigmas=[first, *inner.tolist(), last], scales=fitted, shifted_sigmas=None)
 
     def objective(v) -> float:
         try:
@@ -206,17 +212,22 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
         except ValueError:  # levels out of order: not a schedule
             return math.inf
         out = run(model, x, None, extra_args=extra_args, disable=True, plan=candidate)
-        return float((out.double() - target).square().mean())
+        error = float((out.double() - target).square().mean())
+        return error if math.isfinite(error) else math.inf
 
     start = np.log(np.asarray(base.sigmas[1:-1], dtype=np.float64))
+    if scales:
+        start = np.concatenate([start, np.asarray(base.scales[1:] if base.scales else [0.0] * interior)])
     before = objective(start)
+    # "adaptive" scales the simplex parameters with the dimension (Gao & Han 2012), which the
+    # joint search of 2K - 2 values needs.
     result = minimize(objective, start, method="Nelder-Mead",
-                      options={"maxfev": max_evaluations, "xatol": 1e-4, "fatol": 1e-14})
+                      options={"maxfev": max_evaluations, "xatol": 1e-6, "fatol": 1e-16, "adaptive": scales})
     best = result.x if result.fun < before else start
     return plan_of(best).replace(solver=solver, metadata={
-        **base.metadata, "schedule_search": "nelder-mead end-point error", "teacher_steps": teacher_steps,
-        "evaluations": int(result.nfev), "mse_before": before, "mse_after": float(min(result.fun, before)),
-        "batch": int(x.shape[0])})
+        **base.metadata, "schedule_search": "nelder-mead end-point error" + (" with d-ode scales" if scales else ""),
+        "teacher_steps": teacher_steps, "evaluations": int(result.nfev), "mse_before": before,
+        "mse_after": float(min(result.fun, before)), "batch": int(x.shape[0])})
 
 
 @contextlib.contextmanager
