@@ -159,11 +159,14 @@ def test_plan_misfits_in_schedulers():
         scheduler.set_timesteps(3, timesteps=[900, 500, 100])
     with pytest.raises(ValueError, match="2 scales but DPMSolverMultistepScheduler makes 3"):
         scheduler.set_timesteps(plan=plan.replace(scales=[0.0, 0.2]))
+    with pytest.raises(ValueError, match="last sigma is positive"):
+        sf.SASolverScheduler.from_plan(plan).set_timesteps(None)
 
 
 # -- plans in the diffusers drop-ins -----------------------------------------------------------
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                                  "UniPCMultistepScheduler", "LMSDiscreteScheduler"])
+                                  "UniPCMultistepScheduler", "LMSDiscreteScheduler", "DEISMultistepScheduler",
+                                  "DPMSolverSinglestepScheduler"])
 def test_scheduler_installs_plan_sigmas(name):
     plan = SamplingPlan(sigmas=[14.0, 6.0, 2.0, 0.7, 0.2, 0.0])
     scheduler = getattr(sf, name).from_plan(plan, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

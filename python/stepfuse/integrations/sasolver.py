@@ -35,7 +35,6 @@ class SASolverScheduler(VPScheduleMixin, FusedSchedulerMixin):
     """
 
     _accepts_plan_sigmas = True
-
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
     _scales_at = DDIMScheduler._scales_at
@@ -150,6 +149,12 @@ class SASolverScheduler(VPScheduleMixin, FusedSchedulerMixin):
         if cfg.prediction_type == "v_prediction":
             return (sigma, alpha)  # eps = alpha v + sigma x
         return (0.0, 1.0)
+
+    def _install_plan_sigmas(self, sigmas: np.ndarray, device) -> None:
+        # The stochastic Adams coefficients integrate exp(-(1 + tau^2) lambda): lambda = inf at sigma = 0.
+        if sigmas[-1] == 0.0:
+            raise ValueError("SASolverScheduler needs a plan whose last sigma is positive (it ends at sigma_min)")
+        super()._install_plan_sigmas(sigmas, device)
 
     def _build_plan(self, start_index: int) -> list:
         cfg = self.config
