@@ -44,6 +44,28 @@ at::Tensor solver_step_py(const at::Tensor& sample, const at::Tensor& model_outp
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// A guidance rule (stepfuse.guidance.Guidance.rule) converted once, like ProgramHandle.
+struct RuleHandle {
+  std::vector<double> rule;
+};
+
+// Eager fast path of guided_step, through the same typed dispatcher handle scheme.
+at::Tensor guided_step_py(const at::Tensor& sample, const std::vector<at::Tensor>& branches,
+                          const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& momentum,
+                          const RuleHandle& rule, at::Tensor& history, const ProgramHandle& program,
+                          const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset) {
+  HANDLE_TH_ERRORS
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("stepfuse::guided_step", "")
+          .typed<at::Tensor(const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, at::ArrayRef<double>, at::Tensor&, at::ArrayRef<double>,
+                            at::IntArrayRef, const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  return op.call(sample, branches, stats, momentum, rule.rule, history, program.coeffs, program.targets, noise, seed,
+                 offset);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 std::vector<int64_t> optimal_step_indices_py(
     const py::array_t<double, py::array::c_style | py::array::forcecast>& cost, int64_t num_steps) {
   if (cost.ndim() != 2 || cost.shape(0) != cost.shape(1)) {
@@ -93,6 +115,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("solver_step", &solver_step_py, py::arg("sample"), py::arg("model_output"), py::arg("history"),
         py::arg("program"), py::arg("noise") = py::none(), py::arg("seed") = 0, py::arg("offset") = 0,
         "Eager fast path of torch.ops.stepfuse.solver_step for a pre-converted program.");
+  py::class_<RuleHandle>(m, "RuleHandle").def(py::init<std::vector<double>>(), py::arg("rule"));
+  m.def("guided_step", &guided_step_py, py::arg("sample"), py::arg("branches"), py::arg("stats"),
+        py::arg("momentum"), py::arg("rule"), py::arg("history"), py::arg("program"),
+        py::arg("noise") = py::none(), py::arg("seed") = 0, py::arg("offset") = 0,
+        "Eager fast path of torch.ops.stepfuse.guided_step for a pre-converted rule and program.");
   m.def("optimal_step_indices", &optimal_step_indices_py, py::arg("cost"), py::arg("num_steps"),
         "Grid indices 0 = i_0 < ... < i_K = N minimising sum_k cost[i_{k-1}][i_k] (dynamic programming).");
 }

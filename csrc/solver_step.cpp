@@ -3,7 +3,6 @@
 #include <cmath>
 
 namespace stepfuse {
-namespace {
 
 StepProgram decode_program(at::ArrayRef<double> coeffs, at::IntArrayRef targets, int64_t num_slots, int64_t seed,
                            int64_t offset) {
@@ -51,42 +50,54 @@ StepProgram decode_program(at::ArrayRef<double> coeffs, at::IntArrayRef targets,
   return p;
 }
 
-void check_same(const at::Tensor& t, const at::Tensor& sample, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == sample.device(), "solver_step: ", name, " must be on ", sample.device(),
+void check_like_sample(const char* op, const at::Tensor& t, const at::Tensor& sample, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == sample.device(), op, ": ", name, " must be on ", sample.device(),
                     " like sample, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), "solver_step: ", name, " must have dtype ",
+  TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), op, ": ", name, " must have dtype ",
                    sample.scalar_type(), " like sample, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), "solver_step: ", name, " must have shape ", sample.sizes(),
+  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), op, ": ", name, " must have shape ", sample.sizes(),
                     " like sample, got ", t.sizes());
 }
 
-}  // namespace
+void check_history(const char* op, const at::Tensor& history, const at::Tensor& sample) {
+  TORCH_CHECK_VALUE(history.dim() == sample.dim() + 1 && history.sizes().slice(1) == sample.sizes(), op,
+                    ": history must have shape [num_slots, *sample.shape] = [R, ", sample.sizes(), "], got ",
+                    history.sizes());
+  TORCH_CHECK_VALUE(history.device() == sample.device(), op, ": history must be on ", sample.device(),
+                    " like sample, got ", history.device());
+  TORCH_CHECK_TYPE(history.scalar_type() == sample.scalar_type() || history.scalar_type() == at::kFloat, op,
+                   ": history dtype must be ", sample.scalar_type(), " (like sample) or float32, got ",
+                   history.scalar_type());
+}
+
+StepOperands prepare_operands(const at::Tensor& sample, at::Tensor& history, const std::optional<at::Tensor>& noise,
+                              const StepProgram& program) {
+  StepOperands ops;
+  ops.numel = sample.numel();
+  ops.sample = sample.contiguous();
+  ops.history = history.is_contiguous() ? history : history.contiguous();
+  if (noise.has_value() && program.uses_noise) ops.noise = noise->contiguous();
+  ops.next_sample = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
+  return ops;
+}
+
+void finish_history(const StepOperands& ops, at::Tensor& history, const StepProgram& program) {
+  if (!ops.history.is_same(history) && program.store_mask != 0) history.copy_(ops.history);
+}
 
 at::Tensor solver_step_dispatch(const at::Tensor& sample, const at::Tensor& model_output, at::Tensor& history,
                                 at::ArrayRef<double> coeffs, at::IntArrayRef targets,
                                 const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
                                 const StepLauncher& launch) {
-  check_same(model_output, sample, "model_output");
-  TORCH_CHECK_VALUE(history.dim() == sample.dim() + 1 && history.sizes().slice(1) == sample.sizes(),
-                    "solver_step: history must have shape [num_slots, *sample.shape] = [R, ", sample.sizes(),
-                    "], got ", history.sizes());
-  TORCH_CHECK_VALUE(history.device() == sample.device(), "solver_step: history must be on ", sample.device(),
-                    " like sample, got ", history.device());
-  TORCH_CHECK_TYPE(history.scalar_type() == sample.scalar_type() || history.scalar_type() == at::kFloat,
-                   "solver_step: history dtype must be ", sample.scalar_type(), " (like sample) or float32, got ",
-                   history.scalar_type());
-  if (noise.has_value()) check_same(*noise, sample, "noise");
+  check_like_sample("solver_step", model_output, sample, "model_output");
+  check_history("solver_step", history, sample);
+  if (noise.has_value()) check_like_sample("solver_step", *noise, sample, "noise");
   const StepProgram program = decode_program(coeffs, targets, history.size(0), seed, offset);
 
-  StepOperands ops;
-  ops.numel = sample.numel();
-  ops.sample = sample.contiguous();
+  StepOperands ops = prepare_operands(sample, history, noise, program);
   ops.model_output = model_output.contiguous();
-  ops.history = history.is_contiguous() ? history : history.contiguous();
-  if (noise.has_value() && program.uses_noise) ops.noise = noise->contiguous();
-  ops.next_sample = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
   if (ops.numel > 0) launch(program, ops);
-  if (!ops.history.is_same(history) && program.store_mask != 0) history.copy_(ops.history);
+  finish_history(ops, history, program);
   return ops.next_sample;
 }
 

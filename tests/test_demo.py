@@ -15,14 +15,16 @@ from stepfuse.demo import RunSpec, compare, make_scheduler  # noqa: E402
 def test_demo_writes_every_file(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--steps", "2", "3", "--samples-per-class", "1", "--reference-steps",
-                   "6", "--baseline-steps", "4", "--no-progress"])
+                   "6", "--baseline-steps", "4", "--guidance-steps", "3", "--no-progress"])
     assert rc == 0
     for name in ("report.md", "report.json", "grid.png", "speed_quality.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     names = [row["name"] for row in report["rows"]]
     assert names == ["diffusers DDIM 4", "stepfuse UniPC 2", "stepfuse UniPC 3", "stepfuse DPM++ 2M 2",
-                     "stepfuse DPM++ 2M 3"]
+                     "stepfuse DPM++ 2M 3", "stepfuse DPM++ 2M 3 interval", "stepfuse DPM++ 2M 3 cfg-zero*",
+                     "stepfuse DPM++ 2M 3 apg"]
+    assert [row["guidance"] for row in report["rows"][-3:]] == ["interval", "cfg-zero*", "apg"]
     for row in report["rows"]:
         assert {"seconds", "nfe", "speedup", "accuracy", "fd", "psnr", "mse"} <= set(row)
     assert report["rows"][0]["speedup"] == 1.0

@@ -5,6 +5,7 @@
 // its non-zero columns (unrolled by column count, vectorised over elements), reading
 // fp32 operands in place and half-precision ones from small widened buffers that stay
 // in L1, and writing fp32 results straight to their destination.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -190,12 +191,26 @@ void solver_step_cpu_direct(const StepProgram& p, StepOperands& ops) {
   });
 }
 
-template <typename scalar_t, typename hist_t>
-void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
+// fp32 view of n elements: the data in place, or widened into `buf`.
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    widen(src, buf, n);
+    return buf;
+  }
+}
+
+// Buffered kernel.  `model_output(start, n, buf)` returns the fp32 model output of
+// elements [start, start + n), in place or written to `buf` (kChunk floats); the
+// guided step computes it there from the branches.
+template <typename scalar_t, typename hist_t, typename ModelOutput>
+void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops, bool reads_model_output,
+                            const ModelOutput& model_output) {
   constexpr bool kSampleFloat = std::is_same_v<scalar_t, float>;
   constexpr bool kHistFloat = std::is_same_v<hist_t, float>;
   const scalar_t* x = ops.sample.const_data_ptr<scalar_t>();
-  const scalar_t* out = ops.model_output.const_data_ptr<scalar_t>();
   const scalar_t* noise = ops.noise ? ops.noise->const_data_ptr<scalar_t>() : nullptr;
   hist_t* hist = ops.history.data_ptr<hist_t>();
   scalar_t* next = ops.next_sample.data_ptr<scalar_t>();
@@ -218,7 +233,7 @@ void solver_step_cpu_kernel(const StepProgram& p, StepOperands& ops) {
     for (int64_t start = begin; start < end; start += kChunk) {
       const int64_t n = std::min(kChunk, end - start);
       if (p.reads_sample) bind(kSampleColumn, x + start, n);
-      if (p.reads_model_output) bind(kModelOutputColumn, out + start, n);
+      if (reads_model_output) col[kModelOutputColumn] = model_output(start, n, buf[kModelOutputColumn]);
       for (int s = 0; s < p.num_slots; ++s)
         if (p.load_mask & (1u << s)) bind(slot_column(s), hist + s * numel + start, n);
       if (p.uses_noise) {
@@ -264,7 +279,153 @@ void launch_solver_step_cpu(const StepProgram& program, StepOperands& ops) {
     if constexpr (kDirect) {
       if (!philox) return solver_step_cpu_direct<scalar_t>(program, ops);
     }
-    solver_step_cpu_kernel<scalar_t, hist_t>(program, ops);
+    const scalar_t* out = ops.model_output.const_data_ptr<scalar_t>();
+    solver_step_cpu_kernel<scalar_t, hist_t>(
+        program, ops, program.reads_model_output,
+        [out](int64_t start, int64_t n, float* buf) { return as_float(out + start, buf, n); });
+  });
+}
+
+template <typename scalar_t, typename hist_t>
+void guided_step_cpu_kernel(const StepProgram& program, StepOperands& ops, const GuidedOperands& guided,
+                            const float* weights) {
+  const GuidanceRule& g = guided.rule;
+  const scalar_t* x = ops.sample.const_data_ptr<scalar_t>();
+  const scalar_t* cond = guided.branches[0].const_data_ptr<scalar_t>();
+  const scalar_t* uncond = guided.branches[1].const_data_ptr<scalar_t>();
+  const scalar_t* extra = g.extra ? guided.branches[2].const_data_ptr<scalar_t>() : nullptr;
+  float* momentum = g.momentum ? guided.momentum->data_ptr<float>() : nullptr;
+  const int64_t per_sample = ops.numel / guided.batch;
+  const float mq = static_cast<float>(g.q), beta = static_cast<float>(g.beta);
+  // The model output column, sample by sample: out = sum_k w_k operand_k; the
+  // momentum buffer is read for it and then advanced, element for element.
+  const auto guided_output = [&](int64_t start, int64_t n, float* buf) -> const float* {
+    // Widening buffers, untouched (and uninitialised) when the operands are fp32.
+    alignas(64) float tmp[4][kChunk];
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+    const float* vx = as_float(x + start, tmp[0], n);
+    const float* vc = as_float(cond + start, tmp[1], n);
+    const float* vu = as_float(uncond + start, tmp[2], n);
+    const float* vt = extra != nullptr ? as_float(extra + start, tmp[3], n) : nullptr;
+    float* m = momentum != nullptr ? momentum + start : nullptr;
+    for (int64_t i = 0; i < n;) {
+      const int64_t b = (start + i) / per_sample;
+      const int64_t end = std::min(n, (b + 1) * per_sample - start);
+      const float* w = weights + b * kGuideOperands;
+      const float w0 = w[kGuideX], w1 = w[kGuideCond], w2 = w[kGuideUncond], w3 = w[kGuideExtra],
+                  w4 = w[kGuideMomentum];
+      if (vt == nullptr && m == nullptr) {
+#pragma GCC ivdep
+        for (int64_t e = i; e < end; ++e) buf[e] = w0 * vx[e] + w1 * vc[e] + w2 * vu[e];
+      } else {
+        for (int64_t e = i; e < end; ++e) {
+          float acc = w0 * vx[e] + w1 * vc[e] + w2 * vu[e];
+          if (vt != nullptr) acc += w3 * vt[e];
+          if (m != nullptr) {
+            acc += w4 * m[e];
+            m[e] = mq * (vc[e] - vu[e]) + beta * m[e];
+          }
+          buf[e] = acc;
+        }
+      }
+      i = end;
+    }
+    return buf;
+#pragma GCC diagnostic pop
+  };
+  solver_step_cpu_kernel<scalar_t, hist_t>(program, ops, true, guided_output);
+}
+
+void launch_guided_step_cpu(const StepProgram& program, StepOperands& ops, const GuidedOperands& guided,
+                            const float* weights) {
+  SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "guided_step",
+                         [&] { guided_step_cpu_kernel<scalar_t, hist_t>(program, ops, guided, weights); });
+}
+
+// sum_i a[i] * b[i] (b == nullptr: sum_i a[i]) over n elements, products and sums in
+// double (8 lanes the compiler keeps in vector registers).  The guidance weights take
+// differences of these sums (a variance from E[g^2] - E[g]^2, ||c - u||^2 from
+// ||c||^2 - 2<c, u> + ||u||^2); fp32 partial sums would lose the small difference when
+// the branches nearly agree or the mean dwarfs the spread.
+inline double lane_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  if (b == nullptr) {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(a[i + l]);
+    for (; i < n; ++i) lanes[0] += static_cast<double>(a[i]);
+  } else {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(a[i + l]) * static_cast<double>(b[i + l]);
+    for (; i < n; ++i) lanes[0] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  }
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// Per-sample sums and Gram matrix of the operands (stepfuse/guidance.h).  Each task
+// covers one block of one sample; each statistic is one pass over an L1-resident chunk.
+template <typename T, int N>
+void guidance_stats_block(const T* const* operands, const float* momentum, int64_t begin, int64_t n,
+                          double* partial) {
+  alignas(64) float tmp[N][kChunk];
+  for (int64_t start = begin; start < begin + n; start += kChunk) {
+    const int64_t len = std::min(kChunk, begin + n - start);
+    const float* v[N];
+    for (int k = 0; k < N; ++k) {
+      if (k == N - 1 && momentum != nullptr)
+        v[k] = momentum + start;
+      else
+        v[k] = as_float(operands[k] + start, tmp[k], len);
+    }
+    int idx = 0;
+    for (int a = 0; a < N; ++a) partial[idx++] += lane_dot(v[a], nullptr, len);
+    for (int a = 0; a < N; ++a)
+      for (int b = a; b < N; ++b) partial[idx++] += lane_dot(v[a], v[b], len);
+  }
+}
+
+template <typename T, int N>
+void guidance_stats_typed(const std::vector<at::Tensor>& operands, at::Tensor& stats) {
+  constexpr int kWidth = guidance_stats_width(N);
+  constexpr int64_t kBlock = 16 * kChunk;
+  // The momentum buffer (float32) may follow branches of a 16-bit dtype: it is the last operand.
+  const bool float_last = !std::is_same_v<T, float> && operands[N - 1].scalar_type() == at::kFloat;
+  const T* ptrs[N];
+  for (int k = 0; k < N; ++k) ptrs[k] = (k == N - 1 && float_last) ? nullptr : operands[k].const_data_ptr<T>();
+  const float* last = float_last ? operands[N - 1].const_data_ptr<float>() : nullptr;
+  const int64_t batch = operands[0].size(0);
+  const int64_t per_sample = operands[0].numel() / batch;
+  const int64_t blocks = (per_sample + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<size_t>(batch * blocks * kWidth), 0.0);
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / blocks, block = task % blocks;
+      const int64_t begin = b * per_sample + block * kBlock;
+      const int64_t n = std::min(kBlock, per_sample - block * kBlock);
+      guidance_stats_block<T, N>(ptrs, last, begin, n, partial.data() + task * kWidth);
+    }
+  });
+  double* out = stats.data_ptr<double>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int k = 0; k < kWidth; ++k) out[b * kWidth + k] += partial[(b * blocks + block) * kWidth + k];
+}
+
+void launch_guidance_stats_cpu(const std::vector<at::Tensor>& operands, at::Tensor& stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, operands[0].scalar_type(), "guidance_stats", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      switch (operands.size()) {
+        case 1: return guidance_stats_typed<scalar_t, 1>(operands, stats);
+        case 2: return guidance_stats_typed<scalar_t, 2>(operands, stats);
+        case 3: return guidance_stats_typed<scalar_t, 3>(operands, stats);
+        case 4: return guidance_stats_typed<scalar_t, 4>(operands, stats);
+        default: return guidance_stats_typed<scalar_t, 5>(operands, stats);
+      }
+    }
   });
 }
 

@@ -33,6 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     runs = [RunSpec(solver, steps) for solver in args.solvers for steps in args.steps]
+    runs += [RunSpec(args.guidance_solver, args.guidance_steps, guidance=g) for g in args.guidance]
     report = compare(
         model=args.model, runs=runs, baseline_solver=args.baseline, baseline_steps=args.baseline_steps,
         reference=RunSpec("UniPC", args.reference_steps), samples_per_class=args.samples_per_class,
@@ -96,6 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--reference-steps", type=int, default=100, help="steps of the UniPC reference run")
     p.add_argument("--samples-per-class", type=int, default=8)
     p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--guidance", nargs="*", default=["interval", "cfg-zero*", "apg"],
+                   help="guidance-variant rows (of interval, cfg-zero*, apg; none: no such rows)")
+    p.add_argument("--guidance-solver", default="DPM++ 2M", help="solver of the guidance-variant rows")
+    p.add_argument("--guidance-steps", type=int, default=10, help="steps of the guidance-variant rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -26,6 +26,28 @@ SOLVERS = {
 }
 
 
+# accelerate() solver name of each label.
+_ACCELERATE_SOLVERS = {"DDIM": "ddim", "Euler": "euler", "DPM++ 2M": "dpmpp_2m", "UniPC": "unipc"}
+
+# Guidance variants of the demo's rows, built from the run's guidance scale and whether the
+# model is a flow-matching one (stepfuse.guidance).  "interval" guides only the first 40% of
+# the steps (the high-noise ones, where the class is decided) and skips the unconditional pass
+# on the rest.  CFG-Zero*'s zero-init step is a zero velocity: it only means "stay" for flow
+# models (a zero epsilon would rescale the sample), so VP models get the optimised scale alone.
+GUIDANCES = {
+    "cfg": lambda scale, flow: None,  # the pipeline call's own classifier-free guidance
+    "interval": lambda scale, flow: _guidance().ClassifierFreeGuidance(scale, stop=0.4),
+    "cfg-zero*": lambda scale, flow: _guidance().ClassifierFreeZeroStarGuidance(scale, zero_init_steps=int(flow)),
+    "apg": lambda scale, flow: _guidance().AdaptiveProjectedGuidance(scale, eta=0.0),
+}
+
+
+def _guidance():
+    from . import guidance
+
+    return guidance
+
+
 @dataclass
 class RunSpec:
     """One sampler configuration of a comparison."""
@@ -34,10 +56,18 @@ class RunSpec:
     steps: int
     library: str = "stepfuse"  # or "diffusers"
     overrides: Dict = field(default_factory=dict)
+    guidance: str = "cfg"  # a key of GUIDANCES (stepfuse runs)
+
+    def __post_init__(self) -> None:
+        if self.guidance not in GUIDANCES:
+            raise ValueError(f"guidance must be one of {sorted(GUIDANCES)}, got {self.guidance!r}")
+        if self.guidance != "cfg" and self.library != "stepfuse":
+            raise ValueError("guidance variants run through stepfuse's loop: use library='stepfuse'")
 
     @property
     def name(self) -> str:
-        return f"{self.library} {self.solver} {self.steps}"
+        name = f"{self.library} {self.solver} {self.steps}"
+        return name if self.guidance == "cfg" else f"{name} {self.guidance}"
 
     @property
     def nfe(self) -> int:
@@ -73,13 +103,28 @@ def make_scheduler(base_config, solver: str, flow: bool, library: str = "stepfus
 
 def sample(pipe, spec: RunSpec, base_config, labels: torch.Tensor, latents: torch.Tensor, guidance_scale: float,
            flow: bool, progress: bool = True) -> tuple:
-    """Run ``pipe`` with the scheduler of ``spec``; returns (images in [0, 1], seconds)."""
-    pipe.scheduler = make_scheduler(base_config, spec.solver, flow, spec.library, **spec.overrides)
+    """Run ``pipe`` with the scheduler of ``spec``; returns (images in [0, 1], seconds).
+
+    diffusers runs use the pipeline's own loop with diffusers' scheduler; stepfuse runs go through
+    ``stepfuse.accelerate`` (the stepfuse loop, guidance fused into each step).
+    """
+    from .integrations.accelerate import accelerate, restore
+
+    pipe.scheduler = make_scheduler(base_config, spec.solver, flow, "diffusers")
     pipe.set_progress_bar_config(disable=not progress, desc=f"{spec.name:>24}", leave=True)
-    start = time.perf_counter()
-    images = pipe(labels.tolist(), num_inference_steps=spec.steps, guidance_scale=guidance_scale,
-                  latents=latents.clone(), output_type="pt").images
-    return images, time.perf_counter() - start
+    if spec.library == "stepfuse":
+        accelerate(pipe, _ACCELERATE_SOLVERS[spec.solver], guidance=GUIDANCES[spec.guidance](guidance_scale, flow),
+                   **spec.overrides)
+    elif spec.overrides:
+        pipe.scheduler = make_scheduler(base_config, spec.solver, flow, "diffusers", **spec.overrides)
+    try:
+        start = time.perf_counter()
+        images = pipe(labels.tolist(), num_inference_steps=spec.steps, guidance_scale=guidance_scale,
+                      latents=latents.clone(), output_type="pt").images
+        return images, time.perf_counter() - start
+    finally:
+        if spec.library == "stepfuse":
+            restore(pipe)
 
 
 def compare(
@@ -108,7 +153,10 @@ def compare(
     base_config = pipe.scheduler.config
     baseline = RunSpec(baseline_solver or ("Euler" if flow else "DDIM"), baseline_steps, "diffusers")
     reference = reference or RunSpec("UniPC", 100, "stepfuse")
-    runs = list(runs) if runs is not None else [RunSpec(s, n) for s in ("UniPC", "DPM++ 2M") for n in (5, 8, 10, 20)]
+    if runs is None:
+        runs = [RunSpec(s, n) for s in ("UniPC", "DPM++ 2M") for n in (5, 8, 10, 20)]
+        runs += [RunSpec("DPM++ 2M", 10, guidance=g) for g in GUIDANCES if g != "cfg"]
+    runs = list(runs)
 
     labels = torch.arange(10).repeat_interleave(samples_per_class)
     gen = torch.Generator().manual_seed(seed)

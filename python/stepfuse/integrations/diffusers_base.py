@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..ops import solver_step
+from ..ops import guided_step, solver_step
 from ..ref.philox import philox_blocks
 from ..solvers.plan import SamplingPlan, as_plan, extrapolate_denoised, max_slots
 from ..solvers.program import OUTPUT, StepProgram
@@ -288,7 +288,53 @@ class FusedSchedulerMixin(SchedulerMixin, ConfigMixin):
                 raise ValueError("a stochastic step needs noise: pass generator/variance_noise or set philox_seed")
             seed, offset = int(self.philox_seed), self._philox_offset
             self._philox_offset += philox_blocks(sample.numel())
+        guided = self._pending_guidance
+        if guided is not None:
+            self._pending_guidance = None
+            if model_output is not guided.branches[0]:
+                raise RuntimeError(f"{type(self).__name__}.step transformed its model output; guidance cannot be "
+                                   "fused into it (fuses_guidance() should be False)")
+            return guided_step(sample, guided.branches, guided.stats, guided.momentum, guided.rule, history, program,
+                               noise, seed, offset)
         return solver_step(sample, model_output, history, program, noise, seed, offset)
+
+    # -- fused guidance (stepfuse.guidance) ----------------------------------------------------
+    #: Guided inputs the next ``_run`` folds into its step (set by :meth:`guided_step`).
+    _pending_guidance = None
+
+    def fuses_guidance(self) -> bool:
+        """Whether ``step`` hands its model output to the fused kernel untouched, so guidance can be
+        folded into the step; thresholding, clipping and learned variances transform it first."""
+        cfg = self.config
+        return not (cfg.get("thresholding", False) or cfg.get("clip_sample", False)
+                    or cfg.get("variance_type") in ("learned", "learned_range"))
+
+    def has_data_conversion(self) -> bool:
+        """Whether the scheduler knows its data prediction ``p * sample + q * output`` per step
+        (needed by ``target="denoised"`` guidance and D-ODE plan scales)."""
+        return type(self)._denoised_conversion is not FusedSchedulerMixin._denoised_conversion
+
+    def guidance_conversion(self, timestep) -> tuple:
+        """``(p, q)`` of the data prediction ``p * sample + q * output`` at the step ``timestep`` starts."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            self._run_start = self._step_index
+        return self._denoised_conversion(self._step_index)
+
+    def guided_step(self, guided, timestep, sample: torch.Tensor, **step_kwargs):
+        """``step`` with the guided combination of ``guided.branches`` as its model output, in the
+        same single kernel (``guided``: a :class:`stepfuse.guidance.GuidedInputs`)."""
+        fuses = self.__dict__.get("_fuses_guidance")
+        if fuses is None or fuses[0] is not self.config:
+            fuses = self._fuses_guidance = (self.config, self.fuses_guidance())
+        if not fuses[1]:
+            raise ValueError(f"{type(self).__name__} with this config transforms the model output before its "
+                             "step (thresholding, clipping or learned variance): guide the output first")
+        self._pending_guidance = guided
+        try:
+            return self.step(guided.branches[0], timestep, sample, **step_kwargs)
+        finally:
+            self._pending_guidance = None
 
     def _data_prediction(self, sample: torch.Tensor, model_output: torch.Tensor, p: float, q: float,
                          noise_coeff: float = 0.0, noise: Optional[torch.Tensor] = None,

@@ -91,6 +91,8 @@ class FlowMatchHeunDiscreteScheduler(VPScheduleMixin, FusedSchedulerMixin):
     def _conversion(self, i: int) -> tuple:
         return 1.0, -float(self._sigmas64[i])  # D = x - sigma * v
 
+    _denoised_conversion = _conversion
+
     def _churned_programs(self, i: int, gamma: float, s_noise: float) -> tuple:
         """Predictor and corrector for a first stage churned to ``sigma_hat = (1 + gamma) sigma`` (Alg. 2).
 

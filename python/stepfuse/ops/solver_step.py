@@ -34,11 +34,16 @@ def solver_step(
     """
     if _is_compiling():
         return _op(sample, model_output, history, program.coeffs_list, program.targets_list, noise, seed, offset)
+    return _C.solver_step(sample, model_output, history, _program_handle(program), noise, seed, offset)
+
+
+def _program_handle(program: StepProgram):
+    """The program converted once to C++ vectors, cached on it."""
     handle = program.__dict__.get("_handle")
     if handle is None:
         handle = _C.ProgramHandle(program.coeffs_list, program.targets_list)
         object.__setattr__(program, "_handle", handle)
-    return _C.solver_step(sample, model_output, history, handle, noise, seed, offset)
+    return handle
 
 
 def _check_like_sample(name: str, t: torch.Tensor, sample: torch.Tensor) -> None:
