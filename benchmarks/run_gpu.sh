@@ -22,3 +22,4 @@ python3 -m pytest "$repo/tests" -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$O
 python3 -X faulthandler -m pytest "$repo/tests/test_solver_step.py" "$repo/tests/test_no_sync.py" -v -p no:cacheprovider \
   > "$OUT/pytest_op.log" 2>&1; echo "op tests exit $?"; grep -E "passed|failed|Fatal|FAILED" "$OUT/pytest_op.log" | tail -5
 python3 "$repo/benchmarks/bench_solver_step.py" --device cuda --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench_solver_step.log" | tail -45
+python3 "$repo/benchmarks/bench_guidance.py" --device cuda --out "$OUT/results" 2>&1 | tee "$OUT/bench_guidance.log" | tail -45
