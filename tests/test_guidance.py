@@ -620,13 +620,22 @@ def test_sampling_loop_makes_no_host_sync(config):
     assert "guided_step" in mode.ops
 
 
-def test_progress_bar_runs():
+@pytest.mark.parametrize("progress", [True, {"desc": "run", "leave": False}, {"disable": True}], ids=str)
+def test_progress_bar_runs(progress, capsys):
     scheduler = make_scheduler("FlowMatchEulerDiscreteScheduler", sf)
     latents = start_latents(scheduler)
-    got = stepfuse.sample(label_model, latents, scheduler, COND, UNCOND, CFG(4.0), progress=True)
+    got = stepfuse.sample(label_model, latents, scheduler, COND, UNCOND, CFG(4.0), progress=progress)
     expected = stepfuse.sample(label_model, latents, make_scheduler("FlowMatchEulerDiscreteScheduler", sf), COND,
                                UNCOND, CFG(4.0))
     torch.testing.assert_close(got, expected)
+    shown = capsys.readouterr().err
+    assert ("run" in shown) == (progress == {"desc": "run", "leave": False})
+    assert (shown == "") == (progress == {"disable": True})
+
+
+def test_progress_must_be_bool_or_options():
+    with pytest.raises(TypeError, match="progress"):
+        stepfuse.Sampler(make_scheduler("FlowMatchEulerDiscreteScheduler", sf), progress="yes")
 
 
 # -- bad input ---------------------------------------------------------------------------------

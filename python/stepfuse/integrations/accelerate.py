@@ -262,7 +262,7 @@ def _sample(pipe, state: _State, run: _Run, guidance, call) -> torch.Tensor:
     from ..solvers.sampler import Sampler
 
     pipe._num_timesteps = len(pipe.scheduler.timesteps)  # the pipelines' num_timesteps property, read by callbacks
-    progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    progress = dict(getattr(pipe, "_progress_bar_config", {}))  # the pipeline's set_progress_bar_config
     sampler = Sampler(pipe.scheduler, guidance=guidance, batch_branches=state.batch_branches, progress=progress)
     # As the pipelines' prepare_extra_step_kwargs: the generator reaches only schedulers whose step takes one.
     generator = call.get("generator")

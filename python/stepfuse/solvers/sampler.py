@@ -102,11 +102,12 @@ class Sampler:
         guidance: a :mod:`stepfuse.guidance` config, or None (conditional branch only).
         batch_branches: evaluate the branches a step needs in one batched model call
             (faster) or one after the other (less memory).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (a dict: tqdm keyword arguments, as a pipeline's
+            ``set_progress_bar_config``; ``{"disable": True}`` hides it).
     """
 
     def __init__(self, scheduler, guidance: Optional[Guidance] = None, *, batch_branches: bool = True,
-                 progress: bool = False):
+                 progress=False):
         if not hasattr(scheduler, "step") or not hasattr(scheduler, "timesteps"):
             raise TypeError(f"scheduler must be a diffusers-style scheduler with step() and timesteps, "
                             f"got {type(scheduler).__name__}")
@@ -115,7 +116,9 @@ class Sampler:
         self.scheduler = scheduler
         self.guidance = guidance
         self.batch_branches = bool(batch_branches)
-        self.progress = bool(progress)
+        if not isinstance(progress, (bool, dict)):
+            raise TypeError(f"progress must be a bool or a dict of tqdm options, got {type(progress).__name__}")
+        self.progress = progress
 
     # -- one run ---------------------------------------------------------------------------------
     def __call__(
@@ -249,12 +252,17 @@ class Sampler:
             kwargs["generator"] = generator
         return kwargs
 
+    def _shows_progress(self) -> bool:
+        options = self.progress if isinstance(self.progress, dict) else {}
+        return bool(self.progress) and not options.get("disable", False)
+
     def _progress_bar(self, total: int):
-        if not self.progress:
+        if not self._shows_progress():
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc="stepfuse")
+        options = self.progress if isinstance(self.progress, dict) else {}
+        return tqdm(total=total, **{"desc": "stepfuse", **options})
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def capture(self, model: Callable, latents: torch.Tensor, **inputs) -> CapturedLoop:
@@ -269,7 +277,7 @@ class Sampler:
         if reset is None:
             raise ValueError(f"capture needs a stepfuse scheduler (its run state resets without a host sync); "
                              f"got {type(self.scheduler).__name__}")
-        if self.progress:
+        if self._shows_progress():
             raise ValueError("capture records no progress bar: use progress=False")
         static = latents.clone()
         side = torch.cuda.Stream(device=latents.device)
@@ -287,7 +295,7 @@ class Sampler:
 
 def sample(model: Callable, latents: torch.Tensor, scheduler, cond: Optional[dict] = None,
            uncond: Optional[dict] = None, guidance: Optional[Guidance] = None, *, extra: Optional[dict] = None,
-           shared: Optional[dict] = None, batch_branches: bool = True, progress: bool = False,
+           shared: Optional[dict] = None, batch_branches: bool = True, progress=False,
            callback: Optional[Callable] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One-call form of :class:`Sampler`: ``Sampler(scheduler, guidance, ...)(model, latents, ...)``."""
     return Sampler(scheduler, guidance, batch_branches=batch_branches, progress=progress)(
