@@ -20,6 +20,24 @@ GuidanceRule decode_rule(at::ArrayRef<double> rule) {
   return g;
 }
 
+// The program's rows with the model-output column k replaced by k (w_c cond + w_u uncond
+// + w_x x): cond stays in the model-output column, uncond takes the noise column (the
+// step must not use noise), in float64 before the op rounds coefficients to fp32.
+std::vector<double> fold_uniform_guidance(const GuidanceRule& g, at::ArrayRef<double> coeffs, int64_t num_slots) {
+  double w[kGuideOperands];
+  guidance_weights(g, nullptr, 1, w);
+  const int64_t width = num_slots + 3;
+  std::vector<double> folded(coeffs.begin(), coeffs.end());
+  for (size_t row = 0; row * width < folded.size(); ++row) {
+    double* c = folded.data() + row * width;
+    const double k = c[1];
+    c[0] += k * w[kGuideX];
+    c[1] = k * w[kGuideCond];
+    c[width - 1] = k * w[kGuideUncond];
+  }
+  return folded;
+}
+
 }  // namespace
 
 at::Tensor guidance_stats_dispatch(at::TensorList operands, const StatsLauncher& launch) {
@@ -55,7 +73,7 @@ at::Tensor guided_step_dispatch(const at::Tensor& sample, at::TensorList branche
                                 const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& momentum,
                                 at::ArrayRef<double> rule, at::Tensor& history, at::ArrayRef<double> coeffs,
                                 at::IntArrayRef targets, const std::optional<at::Tensor>& noise, int64_t seed,
-                                int64_t offset, const GuidedLauncher& launch) {
+                                int64_t offset, const GuidedLauncher& launch, const StepLauncher& plain) {
   GuidedOperands guided;
   guided.rule = decode_rule(rule);
   const GuidanceRule& g = guided.rule;
@@ -90,6 +108,19 @@ at::Tensor guided_step_dispatch(const at::Tensor& sample, at::TensorList branche
   }
   for (const at::Tensor& b : branches) guided.branches.push_back(b.contiguous());
   const StepProgram program = decode_program(coeffs, targets, history.size(0), seed, offset);
+  if (!guidance_needs_stats(g) && !g.extra && !program.uses_noise) {
+    // Weights the same for every sample (CFG and its linear kin) and a deterministic step:
+    // fold them into the program, with uncond in the unused noise column, and run the
+    // plain step kernel, one pass with no combination buffer.
+    const std::vector<double> folded = fold_uniform_guidance(g, coeffs, history.size(0));
+    const StepProgram plain_program = decode_program(folded, targets, history.size(0), seed, offset);
+    StepOperands ops = prepare_operands(sample, history, std::nullopt, plain_program);
+    ops.model_output = guided.branches[0];
+    ops.noise = guided.branches[1];
+    if (ops.numel > 0) plain(plain_program, ops);
+    finish_history(ops, history, plain_program);
+    return ops.next_sample;
+  }
   StepOperands ops = prepare_operands(sample, history, noise, program);
   if (ops.numel > 0) launch(program, ops, guided);
   finish_history(ops, history, program);

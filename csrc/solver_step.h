@@ -63,7 +63,7 @@ at::Tensor guided_step_dispatch(const at::Tensor& sample, at::TensorList branche
                                 const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& momentum,
                                 at::ArrayRef<double> rule, at::Tensor& history, at::ArrayRef<double> coeffs,
                                 at::IntArrayRef targets, const std::optional<at::Tensor>& noise, int64_t seed,
-                                int64_t offset, const GuidedLauncher& launch);
+                                int64_t offset, const GuidedLauncher& launch, const StepLauncher& plain);
 
 at::Tensor guidance_stats_cpu(at::TensorList operands);
 

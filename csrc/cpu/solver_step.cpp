@@ -67,12 +67,14 @@ at::Tensor guided_step_cpu(const at::Tensor& sample, at::TensorList branches, co
                            at::ArrayRef<double> coeffs, at::IntArrayRef targets,
                            const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset) {
   static const auto kernel = SF_PICK(launch_guided_step_cpu);
+  static const StepLauncher plain = SF_PICK(launch_solver_step_cpu);
   return guided_step_dispatch(
       sample, branches, stats, momentum, rule, history, coeffs, targets, noise, seed, offset,
       [](const StepProgram& program, StepOperands& ops, const GuidedOperands& guided) {
         const std::vector<float> weights = guided_weights(guided, ops.numel);
         kernel(program, ops, guided, weights.data());
-      });
+      },
+      plain);
 }
 
 #undef SF_PICK

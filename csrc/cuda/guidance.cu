@@ -222,7 +222,8 @@ at::Tensor guided_step_cuda(const at::Tensor& sample, at::TensorList branches, c
       [](const StepProgram& program, StepOperands& ops, const GuidedOperands& guided) {
         SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "guided_step",
                                [&] { launch_guided_step<scalar_t, hist_t>(program, ops, guided); });
-      });
+      },
+      launch_solver_step_cuda);
 }
 
 }  // namespace

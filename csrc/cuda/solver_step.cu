@@ -13,14 +13,7 @@ at::Tensor solver_step_cuda(const at::Tensor& sample, const at::Tensor& model_ou
                             const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset) {
   const c10::cuda::OptionalCUDAGuard guard(sample.device());
   return solver_step_dispatch(sample, model_output, history, coeffs, targets, noise, seed, offset,
-                              [](const StepProgram& program, StepOperands& ops) {
-                                SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(),
-                                                       "solver_step", [&] {
-                                                         const TensorModelOutput<scalar_t> out{
-                                                             ops.model_output.const_data_ptr<scalar_t>()};
-                                                         launch_solver_step_kernel<scalar_t, hist_t>(program, ops, out);
-                                                       });
-                              });
+                              launch_solver_step_cuda);
 }
 
 }  // namespace

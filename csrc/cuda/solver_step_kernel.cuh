@@ -152,5 +152,14 @@ void launch_solver_step_kernel(const StepProgram& p, StepOperands& ops, const Mo
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The plain step's launcher (model output read from ops.model_output), also the guided
+// step's when its weights fold into the program (csrc/guidance.cpp).
+inline void launch_solver_step_cuda(const StepProgram& program, StepOperands& ops) {
+  SF_DISPATCH_STEP_TYPES(ops.sample.scalar_type(), ops.history.scalar_type(), "solver_step", [&] {
+    const TensorModelOutput<scalar_t> out{ops.model_output.const_data_ptr<scalar_t>()};
+    launch_solver_step_kernel<scalar_t, hist_t>(program, ops, out);
+  });
+}
+
 }  // namespace
 }  // namespace stepfuse

@@ -140,8 +140,9 @@ SF_HOST_DEVICE inline void axpy(double a, const double (&x)[kGuideOperands], dou
 // Per-sample weights w over (x, c, u, t, m) with out = sum_k w_k operand_k, the raw
 // model output handed to the solver program.  `stats` is this sample's statistics
 // (unused when the rule needs none); `numel` the elements per sample.
+template <typename W>
 SF_HOST_DEVICE inline void guidance_weights(const GuidanceRule& g, const double* stats, int64_t numel,
-                                            float (&w)[kGuideOperands]) {
+                                            W (&w)[kGuideOperands]) {
   double vc[kGuideOperands] = {}, vu[kGuideOperands] = {}, vt[kGuideOperands] = {};
   vc[kGuideX] = vu[kGuideX] = vt[kGuideX] = g.p;
   vc[kGuideCond] = vu[kGuideUncond] = vt[kGuideExtra] = g.q;
@@ -186,7 +187,7 @@ SF_HOST_DEVICE inline void guidance_weights(const GuidanceRule& g, const double*
   }
   // The raw output whose conversion p x + q out is g.
   out[kGuideX] -= g.p;
-  for (int k = 0; k < kGuideOperands; ++k) w[k] = static_cast<float>(out[k] / g.q);
+  for (int k = 0; k < kGuideOperands; ++k) w[k] = static_cast<W>(out[k] / g.q);
 }
 
 }  // namespace stepfuse
