@@ -7,17 +7,16 @@ comes from :meth:`stepfuse.guidance.Guidance.rule`.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 
-from .. import _C  # noqa: F401  (registers the ops)
+from .. import _C  # registers the ops; eager fast paths
 from ..solvers.program import StepProgram
-from .solver_step import _check_like_sample, _program_handle
+from .solver_step import _check_like_sample, _fake_step, _program_handle
 
 _is_compiling = torch.compiler.is_compiling
-# Converted rules, by value: a run reuses a handful (one per guidance config and conversion).
-_rule_handles: dict = {}
 _stats_op = torch.ops.stepfuse.guidance_stats.default
 _step_op = torch.ops.stepfuse.guided_step.default
 
@@ -50,11 +49,15 @@ def guided_step(
     if _is_compiling():
         return _step_op(sample, list(branches), stats, momentum, list(rule), history, program.coeffs_list,
                         program.targets_list, noise, seed, offset)
-    rule_handle = _rule_handles.get(tuple(rule))
-    if rule_handle is None:
-        rule_handle = _rule_handles.setdefault(tuple(rule), _C.RuleHandle(list(rule)))
-    return _C.guided_step(sample, list(branches), stats, momentum, rule_handle, history, _program_handle(program),
-                          noise, seed, offset)
+    return _C.guided_step(sample, list(branches), stats, momentum, _rule_handle(tuple(rule)), history,
+                          _program_handle(program), noise, seed, offset)
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_handle(rule: tuple):
+    # Converted once by value: a run reuses a handful of rules (one per config and step
+    # conversion); bounded, since data-prediction guidance makes one per step of each schedule.
+    return _C.RuleHandle(list(rule))
 
 
 @torch.library.register_fake("stepfuse::guidance_stats")
@@ -74,10 +77,5 @@ def _guidance_stats_fake(operands):
 def _guided_step_fake(sample, branches, stats, momentum, rule, history, coeffs, targets, noise=None, seed=0,
                       offset=0):
     for k, b in enumerate(branches):
-        _check_like_sample(f"branches[{k}]", b, sample)
-    if noise is not None:
-        _check_like_sample("noise", noise, sample)
-    if history.shape[1:] != sample.shape or history.device != sample.device:
-        raise ValueError(f"guided_step: history must be [R, *sample.shape] on {sample.device}, got "
-                         f"{tuple(history.shape)} on {history.device}")
-    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+        _check_like_sample("guided_step", f"branches[{k}]", b, sample)
+    return _fake_step("guided_step", sample, history, coeffs, targets, noise)

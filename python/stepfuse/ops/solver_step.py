@@ -46,24 +46,29 @@ def _program_handle(program: StepProgram):
     return handle
 
 
-def _check_like_sample(name: str, t: torch.Tensor, sample: torch.Tensor) -> None:
+def _check_like_sample(op: str, name: str, t: torch.Tensor, sample: torch.Tensor) -> None:
     if t.device != sample.device:
-        raise ValueError(f"solver_step: {name} must be on {sample.device} like sample, got {t.device}")
+        raise ValueError(f"{op}: {name} must be on {sample.device} like sample, got {t.device}")
     if t.dtype != sample.dtype:
-        raise TypeError(f"solver_step: {name} must have dtype {sample.dtype} like sample, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must have dtype {sample.dtype} like sample, got {t.dtype}")
     if t.shape != sample.shape:
-        raise ValueError(f"solver_step: {name} must have shape {tuple(sample.shape)} like sample, got {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(sample.shape)} like sample, got {tuple(t.shape)}")
+
+
+def _fake_step(op: str, sample, history, coeffs, targets, noise) -> torch.Tensor:
+    """The checks a step op shares with its C++ twin (csrc/solver_step.cpp), and its output."""
+    if noise is not None:
+        _check_like_sample(op, "noise", noise, sample)
+    if history.shape[1:] != sample.shape or history.device != sample.device:
+        raise ValueError(f"{op}: history must be [R, *sample.shape] on {sample.device}, got "
+                         f"{tuple(history.shape)} on {history.device}")
+    if len(coeffs) != len(targets) * (history.shape[0] + 3):
+        raise ValueError(f"{op}: coeffs must have {len(targets) * (history.shape[0] + 3)} entries")
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
 
 
 @torch.library.register_fake("stepfuse::solver_step")
 def _solver_step_fake(sample, model_output, history, coeffs, targets, noise=None, seed=0, offset=0):
     # Mirrors the shape/device/dtype checks of csrc/solver_step.cpp for traced and meta calls.
-    _check_like_sample("model_output", model_output, sample)
-    if noise is not None:
-        _check_like_sample("noise", noise, sample)
-    if history.shape[1:] != sample.shape or history.device != sample.device:
-        raise ValueError(f"solver_step: history must be [R, *sample.shape] on {sample.device}, got "
-                         f"{tuple(history.shape)} on {history.device}")
-    if len(coeffs) != len(targets) * (history.shape[0] + 3):
-        raise ValueError(f"solver_step: coeffs must have {len(targets) * (history.shape[0] + 3)} entries")
-    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    _check_like_sample("solver_step", "model_output", model_output, sample)
+    return _fake_step("solver_step", sample, history, coeffs, targets, noise)
