@@ -347,9 +347,7 @@ def main() -> None:
                      format_table(report["rows"], list(report["rows"][0]))]
             print("\n".join(text[-3:]), flush=True)
 
-    path = write_results(args.out, "bench_guidance", device, payload)
-    path.with_suffix(".txt").write_text("\n".join(text) + "\n")
-    print(f"wrote {path} and {path.with_suffix('.txt').name}")
+    write_results(args.out, "bench_guidance", device, payload, text)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def write_results(out_dir: Path, name: str, device: torch.device, payload: dict) -> Path:
+def write_results(out_dir: Path, name: str, device: torch.device, payload: dict, text=None) -> Path:
+    """``<out_dir>/<device>/<name>.json`` (with run metadata) and, given ``text`` lines, the
+    printed tables as ``<name>.txt`` beside it."""
     out_dir = Path(out_dir) / device_tag(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
@@ -108,6 +110,9 @@ def write_results(out_dir: Path, name: str, device: torch.device, payload: dict)
         "date": time.strftime("%Y-%m-%d"),
     }
     path.write_text(json.dumps({"meta": meta, **payload}, indent=2) + "\n")
+    if text is not None:
+        path.with_suffix(".txt").write_text("\n".join(text) + "\n")
+        print(f"wrote {path} and {path.with_suffix('.txt').name}")
     return path
 
 

@@ -2,6 +2,7 @@
 // implementations register themselves from csrc/cuda/.
 #include <torch/library.h>
 
+#include "cache.h"
 #include "solver_step.h"
 
 TORCH_LIBRARY(stepfuse, m) {
@@ -18,10 +19,27 @@ TORCH_LIBRARY(stepfuse, m) {
   m.def(
       "guided_step(Tensor sample, Tensor[] branches, Tensor? stats, Tensor(a!)? momentum, float[] rule, "
       "Tensor(b!) history, float[] coeffs, int[] targets, Tensor? noise=None, int seed=0, int offset=0) -> Tensor");
+  // Feature caching (csrc/cache.h): per-sample (sum |a - b|, sum |b|) in one pass, the
+  // skip decision as a device-side state machine, residual store / apply, and
+  // TaylorSeer's finite-difference update and forecast.
+  m.def("cache_distance(Tensor a, Tensor b, int stride=1) -> Tensor");
+  m.def(
+      "cache_decide(Tensor sums, Tensor(a!) state, float[] poly, float threshold, bool accumulate, bool pooled, "
+      "int max_consecutive, int max_cached, bool force) -> Tensor");
+  m.def("cache_residual_store(Tensor output, Tensor input, Tensor(a!) residual) -> ()");
+  m.def("cache_residual_apply(Tensor(a!) x, Tensor residual) -> ()");
+  m.def("cache_taylor_update(Tensor feature, Tensor(a!) factors, float dt, int valid) -> ()");
+  m.def("cache_taylor_predict(Tensor factors, float dt, int terms, Tensor(a!) out, bool accumulate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(stepfuse, CPU, m) {
   m.impl("solver_step", &stepfuse::solver_step_cpu);
   m.impl("guidance_stats", &stepfuse::guidance_stats_cpu);
   m.impl("guided_step", &stepfuse::guided_step_cpu);
+  m.impl("cache_distance", &stepfuse::cache_distance_cpu);
+  m.impl("cache_decide", &stepfuse::cache_decide_cpu);
+  m.impl("cache_residual_store", &stepfuse::cache_residual_store_cpu);
+  m.impl("cache_residual_apply", &stepfuse::cache_residual_apply_cpu);
+  m.impl("cache_taylor_update", &stepfuse::cache_taylor_update_cpu);
+  m.impl("cache_taylor_predict", &stepfuse::cache_taylor_predict_cpu);
 }

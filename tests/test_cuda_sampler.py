@@ -37,7 +37,7 @@ GUIDANCES = [
 def _setup(device, dtype=torch.float32):
     torch.manual_seed(0)
     model = TinyDenoiser().to(device=device, dtype=dtype).eval()
-    latents = torch.randn(2, 4, 16, 16, device=device, dtype=dtype)
+    latents = torch.randn(2, 4, 16, 16, dtype=dtype).to(device)  # the same noise on every device
     cond = {"label": torch.tensor([3, 7], device=device)}
     uncond = {"label": torch.tensor([10, 10], device=device)}
     return model, latents, cond, uncond

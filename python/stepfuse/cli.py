@@ -26,7 +26,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Speed/quality comparison on a bundled model: table, report, image grid and scatter plot."""
-    from .demo import RunSpec, compare, format_table, write_report
+    from .demo import DEFAULT_CACHES, RunSpec, check_cache, compare, denoiser_kind, format_table, write_report
 
     if args.threads:
         import torch
@@ -34,6 +34,15 @@ def _demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     runs = [RunSpec(solver, steps) for solver in args.solvers for steps in args.steps]
     runs += [RunSpec(args.guidance_solver, args.guidance_steps, guidance=g) for g in args.guidance]
+    kind = denoiser_kind(args.model)
+    caches = DEFAULT_CACHES[kind] if args.cache is None else args.cache
+    try:
+        for cache in caches:
+            check_cache(cache, kind)
+    except ValueError as e:
+        print(f"stepfuse demo: argument --cache: {e}", file=sys.stderr)
+        return 2
+    runs += [RunSpec(args.cache_solver, args.cache_steps, cache=c) for c in caches if c != "none"]
     report = compare(
         model=args.model, runs=runs, baseline_solver=args.baseline, baseline_steps=args.baseline_steps,
         reference=RunSpec("UniPC", args.reference_steps), samples_per_class=args.samples_per_class,
@@ -82,6 +91,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    from .demo import CACHES, DEFAULT_CACHES
+
     parser = argparse.ArgumentParser(prog="stepfuse", description="Fused training-free fast sampling for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, compiled backends and registered ops")
@@ -101,6 +112,11 @@ def main(argv=None) -> int:
                    help="guidance-variant rows (of interval, cfg-zero*, apg; none: no such rows)")
     p.add_argument("--guidance-solver", default="DPM++ 2M", help="solver of the guidance-variant rows")
     p.add_argument("--guidance-steps", type=int, default=10, help="steps of the guidance-variant rows")
+    p.add_argument("--cache", nargs="+", choices=list(CACHES), default=None, metavar="NAME",
+                   help="feature-cache rows (of " + ", ".join(CACHES) + "; none: no such rows; default: "
+                        + "; ".join(f"{' '.join(v)} for a {k}" for k, v in DEFAULT_CACHES.items()) + ")")
+    p.add_argument("--cache-solver", default="DPM++ 2M", help="solver of the feature-cache rows")
+    p.add_argument("--cache-steps", type=int, default=20, help="steps of the feature-cache rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

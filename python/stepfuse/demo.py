@@ -3,7 +3,9 @@
 A diffusers baseline (50 DDIM steps, or 50 flow-matching Euler steps for the flow model, with
 classifier-free guidance) and stepfuse's solvers at 5-20 steps sample the same digits from the same
 initial noise.  Each run is scored for class accuracy and Fréchet distance to held-out real digits
-(``stepfuse.metrics``) and for PSNR to a reference run (same noise, a high-NFE solver).
+(``stepfuse.metrics``) and for PSNR to a reference run (same noise, a high-NFE solver).  Cache rows
+add a training-free feature cache (``stepfuse.cache``) to a stepfuse solver and report the fraction
+of block evaluations it skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +50,59 @@ def _guidance():
     return guidance
 
 
+def _cache():
+    from . import cache
+
+    return cache
+
+
+# Feature-cache rows (stepfuse.cache), installed with stepfuse.accelerate(pipe, cache=...).  The
+# block caches serve transformers (digits-dit, digits-dit-flow), DeepCache serves UNets.  Checked
+# with DPM++ 2M at 20 steps, guidance 2.0, against the uncached run from the same noise: DeepCache
+# on digits-unet skips 43% of block evaluations at 37.6 dB; on digits-dit (30 samples) first-block
+# skips 33% at 40.2 dB and TeaCache 50% at 40.5 dB (threshold 0.2 would skip 70% at 31.9 dB).
+# FirstBlockCache pools the batch ("mean"): with "all", the sample that changed most decides for
+# the whole batch, and the demo's batch is large.  TeaCache uses the raw relative L1 change of the
+# modulated input, without the rescaling polynomial: fitting one (stepfuse.cache.calibrate) would
+# cost extra uncached runs in every demo.
+CACHES = {
+    "none": lambda: None,
+    "first-block": lambda: _cache().FirstBlockCache(threshold=0.08, batch_decision="mean"),
+    "dual-block": lambda: _cache().DualBlockCache(front_blocks=1, back_blocks=1, threshold=0.12, batch_decision="mean"),
+    "teacache": lambda: _cache().TeaCache(threshold=0.1),
+    "taylorseer": lambda: _cache().TaylorSeer(order=1, interval=3, front_blocks=1, back_blocks=1),
+    "fora": lambda: _cache().StaticCache(preset="fora-2", front_blocks=1, back_blocks=1),
+    "deepcache": lambda: _cache().DeepCache(interval=3, branch=0, cooldown_steps=1),
+}
+
+# The cache rows of the default comparison, per denoiser kind (a policy serves one kind only).
+DEFAULT_CACHES = {"unet": ("deepcache",), "transformer": ("first-block", "teacache")}
+
+
+def denoiser_kind(model: str) -> str:
+    """``"unet"`` or ``"transformer"``: which denoiser the bundled ``model`` has (read from its
+    ``model_index.json``, without loading the weights)."""
+    from . import models
+
+    components = json.loads((models.path(model) / "model_index.json").read_text())
+    return "unet" if (components.get("unet") or [None])[0] else "transformer"
+
+
+def _serves(cache: str, kind: str) -> bool:
+    policy = CACHES[cache]()
+    return policy is None or (policy.family == "unet") == (kind == "unet")
+
+
+def check_cache(cache: str, kind: str) -> None:
+    """Raise ValueError unless ``cache`` is a key of CACHES whose policy serves a ``kind``
+    (``"unet"`` or ``"transformer"``) denoiser."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {sorted(CACHES)}, got {cache!r}")
+    if not _serves(cache, kind):
+        raise ValueError(f"cache {cache!r} ({type(CACHES[cache]()).__name__}) does not serve a {kind} denoiser; "
+                         f"use one of {[name for name in CACHES if name != 'none' and _serves(name, kind)]}")
+
+
 @dataclass
 class RunSpec:
     """One sampler configuration of a comparison."""
@@ -57,22 +112,26 @@ class RunSpec:
     library: str = "stepfuse"  # or "diffusers"
     overrides: Dict = field(default_factory=dict)
     guidance: str = "cfg"  # a key of GUIDANCES (stepfuse runs)
+    cache: str = "none"  # a key of CACHES (stepfuse runs)
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {sorted(GUIDANCES)}, got {self.guidance!r}")
-        if self.guidance != "cfg" and self.library != "stepfuse":
-            raise ValueError("guidance variants run through stepfuse's loop: use library='stepfuse'")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {sorted(CACHES)}, got {self.cache!r}")
+        if (self.guidance != "cfg" or self.cache != "none") and self.library != "stepfuse":
+            raise ValueError("guidance variants and caches run through stepfuse's loop: use library='stepfuse'")
 
     @property
     def name(self) -> str:
         name = f"{self.library} {self.solver} {self.steps}"
-        return name if self.guidance == "cfg" else f"{name} {self.guidance}"
+        name = name if self.guidance == "cfg" else f"{name} {self.guidance}"
+        return name if self.cache == "none" else f"{name} +{self.cache}"
 
     @property
     def nfe(self) -> int:
         """Model evaluations per sample: every solver in SOLVERS calls the model once per step
-        (CFG's doubled batch counts once, as in the literature)."""
+        (CFG's doubled batch counts once, as in the literature; a cached call still counts)."""
         return self.steps
 
 
@@ -103,25 +162,30 @@ def make_scheduler(base_config, solver: str, flow: bool, library: str = "stepfus
 
 def sample(pipe, spec: RunSpec, base_config, labels: torch.Tensor, latents: torch.Tensor, guidance_scale: float,
            flow: bool, progress: bool = True) -> tuple:
-    """Run ``pipe`` with the scheduler of ``spec``; returns (images in [0, 1], seconds).
+    """Run ``pipe`` with the scheduler of ``spec``; returns (images in [0, 1], seconds, fraction of
+    block evaluations the cache skipped: 0 without one).
 
     diffusers runs use the pipeline's own loop with diffusers' scheduler; stepfuse runs go through
-    ``stepfuse.accelerate`` (the stepfuse loop, guidance fused into each step).
+    ``stepfuse.accelerate`` (the stepfuse loop, guidance fused into each step, the cache installed).
     """
     from .integrations.accelerate import accelerate, restore
 
     pipe.scheduler = make_scheduler(base_config, spec.solver, flow, "diffusers")
     pipe.set_progress_bar_config(disable=not progress, desc=f"{spec.name:>24}", leave=True)
+    cache = CACHES[spec.cache]()
     if spec.library == "stepfuse":
         accelerate(pipe, _ACCELERATE_SOLVERS[spec.solver], guidance=GUIDANCES[spec.guidance](guidance_scale, flow),
-                   **spec.overrides)
+                   cache=cache, **spec.overrides)
     elif spec.overrides:
         pipe.scheduler = make_scheduler(base_config, spec.solver, flow, "diffusers", **spec.overrides)
     try:
         start = time.perf_counter()
         images = pipe(labels.tolist(), num_inference_steps=spec.steps, guidance_scale=guidance_scale,
                       latents=latents.clone(), output_type="pt").images
-        return images, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        # restore() below removes the cache and its counters: read them first.
+        skipped = _cache().stats(pipe.denoiser).skipped_fraction if cache is not None else 0.0
+        return images, seconds, skipped
     finally:
         if spec.library == "stepfuse":
             restore(pipe)
@@ -143,11 +207,17 @@ def compare(
     """Sample every run from the same noise and score it; returns the report dictionary.
 
     The baseline is diffusers' ``baseline_solver`` (default DDIM, or Euler for flow models) at
-    ``baseline_steps``; ``runs`` default to stepfuse's UniPC and DPM++ 2M at 5, 8, 10 and 20 steps.
+    ``baseline_steps``; ``runs`` default to stepfuse's UniPC and DPM++ 2M at 5, 8, 10 and 20 steps,
+    DPM++ 2M at 10 steps under each guidance variant, and DPM++ 2M at 20 steps with each of the
+    model's ``DEFAULT_CACHES`` (next to its uncached 20-step row).
     """
     from . import models
     from .metrics import DigitMetrics
 
+    kind = denoiser_kind(model)
+    runs = None if runs is None else list(runs)
+    for spec in (runs or []) + ([reference] if reference is not None else []):
+        check_cache(spec.cache, kind)
     pipe = models.load(model, device=device)
     flow = is_flow(pipe)
     base_config = pipe.scheduler.config
@@ -156,7 +226,7 @@ def compare(
     if runs is None:
         runs = [RunSpec(s, n) for s in ("UniPC", "DPM++ 2M") for n in (5, 8, 10, 20)]
         runs += [RunSpec("DPM++ 2M", 10, guidance=g) for g in GUIDANCES if g != "cfg"]
-    runs = list(runs)
+        runs += [RunSpec("DPM++ 2M", 20, cache=c) for c in DEFAULT_CACHES[kind]]
 
     labels = torch.arange(10).repeat_interleave(samples_per_class)
     gen = torch.Generator().manual_seed(seed)
@@ -168,13 +238,13 @@ def compare(
         sample(pipe, RunSpec(baseline.solver, 2, lib), base_config, labels[:2], latents[:2], guidance_scale, flow, False)
 
     log(f"reference: {reference.name} steps")
-    ref_images, _ = sample(pipe, reference, base_config, labels, latents, guidance_scale, flow, progress)
+    ref_images = sample(pipe, reference, base_config, labels, latents, guidance_scale, flow, progress)[0]
     rows = []
     grid = {"reference": ref_images}
     for role, spec in [("baseline", baseline)] + [("stepfuse", r) for r in runs]:
-        images, seconds = sample(pipe, spec, base_config, labels, latents, guidance_scale, flow, progress)
+        images, seconds, skipped = sample(pipe, spec, base_config, labels, latents, guidance_scale, flow, progress)
         scores = metrics(images, labels, reference=ref_images)
-        rows.append({"name": spec.name, "role": role, **asdict(spec), "nfe": spec.nfe,
+        rows.append({"name": spec.name, "role": role, **asdict(spec), "nfe": spec.nfe, "skipped": round(skipped, 3),
                      "seconds": round(seconds, 3), **{k: round(v, 5) for k, v in scores.items()}})
         grid[spec.name] = images
     base_seconds = rows[0]["seconds"]
@@ -191,7 +261,7 @@ def compare(
     }
 
 
-COLUMNS = ["name", "nfe", "seconds", "speedup", "accuracy", "fd", "psnr"]
+COLUMNS = ["name", "nfe", "skipped", "seconds", "speedup", "accuracy", "fd", "psnr"]
 
 
 def format_table(rows: List[dict], columns: Sequence[str] = COLUMNS) -> str:
@@ -239,7 +309,7 @@ def plot_scatter(rows: List[dict], path: Path, title: str) -> None:
         for row in rows:
             marker, color = ("*", "black") if row["role"] == "baseline" else ("o", f"C{list(SOLVERS).index(row['solver'])}")
             ax.scatter(row["seconds"], row[key], marker=marker, color=color, s=90 if marker == "*" else 40)
-            ax.annotate(f"{row['solver']} {row['steps']}", (row["seconds"], row[key]), fontsize=7,
+            ax.annotate(row["name"].split(" ", 1)[1], (row["seconds"], row[key]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("wall time (s, log scale)")
@@ -266,8 +336,9 @@ def write_report(report: dict, out: Path) -> Dict[str, Path]:
         f"{report['guidance_scale']}, the same initial noise for every run, on {report['device']} "
         f"({report['threads']} threads).  *speedup* is the baseline's wall time over the run's; *accuracy* "
         f"is the digit classifier's agreement with the requested label; *fd* is the Fréchet distance to "
-        f"held-out real digits in the classifier's feature space; *psnr* (dB) is against the reference run "
-        f"({ref['name']} steps; accuracy {ref['accuracy']:.3f}, fd {ref['fd']:.2f}).  Real digits score accuracy "
+        f"held-out real digits in the classifier's feature space; *skipped* is the fraction of block "
+        f"evaluations a feature cache (rows named +cache) reused instead of running; *psnr* (dB) is "
+        f"against the reference run ({ref['name']} steps; accuracy {ref['accuracy']:.3f}, fd {ref['fd']:.2f}).  Real digits score accuracy "
         f"{real['accuracy']:.3f} (held-out set) and fd {real['fd']:.2f} (two disjoint held-out halves of "
         f"{real['fd_samples']}).\n\n```\n{table}\n```\n\n"
         f"![samples](grid.png)\n\n![speed and quality](speed_quality.png)\n"

@@ -96,6 +96,7 @@ class _State:
     guidance: Any
     batch_branches: bool
     scheduler_kwargs: dict = field(default_factory=dict)
+    cache: Any = None  # the stepfuse.cache policy installed on the denoiser
 
 
 _STATE = "_stepfuse_state"
@@ -103,7 +104,7 @@ _CLASSES: Dict[type, type] = {}
 
 
 def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guidance=None,
-               batch_branches: bool = True, **scheduler_kwargs):
+               batch_branches: bool = True, cache=None, **scheduler_kwargs):
     """Install stepfuse into ``pipe`` (in place) and return it.
 
     Args:
@@ -115,6 +116,9 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
             (Flux: ``true_cfg_scale`` with negative prompt embeddings; its ``guidance_scale`` stays the
             embedded guidance the transformer reads).
         batch_branches: run the conditional and unconditional branches as one model call.
+        cache: a :mod:`stepfuse.cache` policy installed on the denoiser (``DeepCache`` for UNets,
+            the block caches for transformers); each call sets its step count and releases its
+            memory at the end.
         **scheduler_kwargs: config overrides for the drop-in scheduler (e.g. ``use_karras_sigmas=True``).
 
     Calling it again replaces the settings; :func:`restore` undoes it.
@@ -143,6 +147,10 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
         raise ValueError(f"guidance {type(guidance).__name__} needs a second condition, which {base.__name__} "
                          "does not have; use ClassifierFreeGuidance, AdaptiveProjectedGuidance or "
                          "ClassifierFreeZeroStarGuidance")
+    from ..cache import CachePolicy
+
+    if cache is not None and not isinstance(cache, CachePolicy):
+        raise TypeError(f"cache must be None or a stepfuse.cache policy, got {type(cache).__name__}")
     adapter.check_components(pipe)
     original = state.scheduler if state is not None else pipe.scheduler
     if original is None:
@@ -150,10 +158,26 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
     scheduler = build_scheduler(solver, original, _model_type(pipe, original), **scheduler_kwargs)
     new_state = _State(base, original, adapter, solver, None if steps is None else int(steps), guidance,
                        batch_branches, dict(scheduler_kwargs))
+    _install_cache(pipe, state, cache)
+    new_state.cache = cache
     pipe.scheduler = scheduler
     pipe.__class__ = _accelerated_class(base)
     setattr(pipe, _STATE, new_state)
     return pipe
+
+
+def _denoiser(pipe) -> torch.nn.Module:
+    model = getattr(pipe, "transformer", None)
+    return model if model is not None else pipe.unet
+
+
+def _install_cache(pipe, state: Optional[_State], cache) -> None:
+    from .. import cache as sc
+
+    if state is not None and state.cache is not None and getattr(_denoiser(pipe), "_stepfuse_cache", None):
+        sc.remove(_denoiser(pipe))
+    if cache is not None:
+        sc.apply(_denoiser(pipe), cache)
 
 
 def restore(pipe):
@@ -161,6 +185,7 @@ def restore(pipe):
     state = getattr(pipe, _STATE, None)
     if state is None:
         raise ValueError(f"pipe ({type(pipe).__name__}) was not accelerated by stepfuse.accelerate")
+    _install_cache(pipe, state, None)
     pipe.__class__ = state.base
     pipe.scheduler = state.scheduler
     delattr(pipe, _STATE)
@@ -268,8 +293,19 @@ def _sample(pipe, state: _State, run: _Run, guidance, call) -> torch.Tensor:
     generator = call.get("generator")
     if "generator" not in inspect.signature(pipe.scheduler.step).parameters:
         generator = None
-    return sampler(run.model, run.latents, run.cond, uncond=run.uncond if guidance is not None else None,
-                   shared=run.shared, callback=_step_callback(pipe, call), generator=generator)
+    if state.cache is None:
+        return sampler(run.model, run.latents, run.cond, uncond=run.uncond if guidance is not None else None,
+                       shared=run.shared, callback=_step_callback(pipe, call), generator=generator)
+    from .. import cache as sc
+
+    denoiser = _denoiser(pipe)
+    sc.reset(denoiser)  # a new run; the cache holds memory only while the call lasts
+    sc.set_num_inference_steps(denoiser, len(pipe.scheduler.timesteps))
+    try:
+        return sampler(run.model, run.latents, run.cond, uncond=run.uncond if guidance is not None else None,
+                       shared=run.shared, callback=_step_callback(pipe, call), generator=generator)
+    finally:
+        sc.release(denoiser)
 
 
 def _output(pipe, call, output_cls, images, **fields):

@@ -14,12 +14,14 @@ thresholding or clipping) get the guided output from the same kernels, then thei
 
 from __future__ import annotations
 
+
 import inspect
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..cache.runtime import branch as cache_branch
 from ..guidance import Guidance, guided_output, prepare_guided
 
 __all__ = ["Sampler", "sample", "CapturedLoop"]
@@ -60,6 +62,9 @@ def _merge(name: str, branches: Sequence[dict], path: str = "") -> dict:
                 raise ValueError(f"{name}: non-tensor input {where!r} differs between branches")
             merged[key] = values[0]
     return merged
+
+
+_BRANCH_NAMES = ("cond", "uncond", "extra")
 
 
 def _step_sigmas(scheduler, timesteps: torch.Tensor) -> np.ndarray:
@@ -179,7 +184,7 @@ class Sampler:
                 active = guidance is not None and guidance.active(i, num_steps, float(sigmas[i]))
                 count = guidance.num_branches if active else 1
                 x_in = scale_input(x, t) if scale_input is not None else x
-                outputs = self._evaluate(model, x_in, t, branch_inputs[:count], shared, merged)
+                outputs = self._evaluate(model, x_in, t, branch_inputs[:count], shared, merged, i)
                 if not active:
                     x = sched.step(outputs[0], t, x, **step_kwargs)[0]
                 else:
@@ -225,15 +230,25 @@ class Sampler:
             branches.append(extra or {})
         return branches
 
-    def _evaluate(self, model, x, t, inputs: Sequence[dict], shared: dict, merged: Dict[int, dict]) -> List[torch.Tensor]:
-        """The branches' raw outputs, batched into one call when ``batch_branches``."""
+    def _evaluate(self, model, x, t, inputs: Sequence[dict], shared: dict, merged: Dict[int, dict],
+                  step: int) -> List[torch.Tensor]:
+        """The branches' raw outputs, batched into one call when ``batch_branches``.
+
+        Each call is named for the feature caches (``stepfuse.cache.branch``): a separate cache per
+        CFG branch, and one for each batched composition (guided and unguided steps differ).
+        """
         count = len(inputs)
         if count == 1 or not self.batch_branches:
-            return [self._call(model, x, t, {**shared, **kw}) for kw in inputs]
+            outputs = []
+            for name, kw in zip(_BRANCH_NAMES, inputs):
+                with cache_branch(name, step=step):
+                    outputs.append(self._call(model, x, t, {**shared, **kw}))
+            return outputs
         batched = merged.get(count)
         if batched is None:  # the branches' inputs are the same every step: concatenate once
             batched = merged[count] = {**shared, **_merge("Sampler", list(inputs))}
-        out = self._call(model, torch.cat([x] * count, dim=0), t, batched)
+        with cache_branch(f"batch{count}", step=step):
+            out = self._call(model, torch.cat([x] * count, dim=0), t, batched)
         return list(out.chunk(count, dim=0))
 
     @staticmethod
