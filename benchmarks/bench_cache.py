@@ -201,11 +201,11 @@ def dit_rows(pipe, run, args) -> tuple:
              for f, t in pick([(1, 0.15), (1, 0.25), (2, 0.15)])]
     rows += [sf(f"FirstBlockCache t={t} +TaylorSeer o{o}",
                 sc.FirstBlockCache(threshold=t, taylorseer=sc.TaylorSeer(order=o)))
-             for t, o in pick([(0.12, 1), (0.2, 1), (0.2, 2)])]
-    rows += [sf(f"TeaCache t={t} (calibrated)", calibration.teacache(t)) for t in pick([0.1, 0.2, 0.3])]
+             for t, o in pick([(0.12, 1), (0.16, 1), (0.2, 1), (0.2, 2)])]
+    rows += [sf(f"TeaCache t={t} (calibrated)", calibration.teacache(t)) for t in pick([0.1, 0.14, 0.2, 0.3])]
     rows += [sf(f"MagCache t={t} (calibrated)", calibration.magcache(t)) for t in pick([0.12, 0.5])]
     rows += [sf(f"TaylorSeer interval={n} o{o}", sc.TaylorSeer(order=o, interval=n))
-             for n, o in pick([(2, 1), (3, 1), (4, 1), (4, 2)])]
+             for n, o in pick([(2, 1), (3, 1), (4, 1), (4, 2), (5, 1), (6, 1)])]
     rows += [sf(f"StaticCache {p}", sc.StaticCache(preset=p)) for p in pick(["fora-2", "fora-3", "fast"])]
     rows += [dfs(f"t={t}", "first_block", threshold=t) for t in pick([0.05, 0.1, 0.2])]
     rows += [dfs(f"blocks interval={n} o{o}", "taylorseer", cache_interval=n, max_order=o,

@@ -141,15 +141,29 @@ void launch_elementwise(int64_t numel, Kernel kernel, Args... args) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (numel);             \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-template <typename T, typename R>
+// The residual kernels move kVec elements per item (16-byte loads of the activations when
+// every pointer is aligned and numel divides; kVec = 1 otherwise): they are pure bandwidth.
+template <int kVec, typename T, typename R>
 __global__ void residual_store_kernel(const T* __restrict__ output, const T* __restrict__ input,
-                                      R* __restrict__ residual, int64_t numel) {
-  SF_GRID_STRIDE(i, numel) residual[i] = static_cast<R>(static_cast<float>(output[i]) - static_cast<float>(input[i]));
+                                      R* __restrict__ residual, int64_t items) {
+  SF_GRID_STRIDE(i, items) {
+    const Pack<T, kVec> o = load_vec<T, kVec>(output + i * kVec), in = load_vec<T, kVec>(input + i * kVec);
+    Pack<R, kVec> r;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) r.v[e] = static_cast<R>(static_cast<float>(o.v[e]) - static_cast<float>(in.v[e]));
+    *reinterpret_cast<Pack<R, kVec>*>(residual + i * kVec) = r;
+  }
 }
 
-template <typename T, typename R>
-__global__ void residual_apply_kernel(T* __restrict__ x, const R* __restrict__ residual, int64_t numel) {
-  SF_GRID_STRIDE(i, numel) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+template <int kVec, typename T, typename R>
+__global__ void residual_apply_kernel(T* __restrict__ x, const R* __restrict__ residual, int64_t items) {
+  SF_GRID_STRIDE(i, items) {
+    Pack<T, kVec> v = load_vec<T, kVec>(x + i * kVec);
+    const Pack<R, kVec> r = load_vec<R, kVec>(residual + i * kVec);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v.v[e] = static_cast<T>(static_cast<float>(v.v[e]) + static_cast<float>(r.v[e]));
+    *reinterpret_cast<Pack<T, kVec>*>(x + i * kVec) = v;
+  }
 }
 
 // new[0] = f, new[k] = (new[k-1] - old[k-1]) / dt for k <= updated (TaylorSeer's
@@ -207,8 +221,13 @@ void cache_residual_store_cuda(const at::Tensor& output, const at::Tensor& input
     dispatch_cache_dtypes("cache_residual_store", o, "output", r, "residual", [&](auto t, auto u) {
       using T = decltype(t);
       using R = decltype(u);
-      launch_elementwise(o.numel(), residual_store_kernel<T, R>, o.const_data_ptr<T>(), in.const_data_ptr<T>(),
-                         r.data_ptr<R>());
+      constexpr int kVec = 16 / sizeof(T);
+      const T *op = o.const_data_ptr<T>(), *ip = in.const_data_ptr<T>();
+      R* rp = r.data_ptr<R>();
+      if (o.numel() % kVec == 0 && is_aligned(op, 16) && is_aligned(ip, 16) && is_aligned(rp, sizeof(R) * kVec))
+        launch_elementwise(o.numel() / kVec, residual_store_kernel<kVec, T, R>, op, ip, rp);
+      else
+        launch_elementwise(o.numel(), residual_store_kernel<1, T, R>, op, ip, rp);
     });
   });
 }
@@ -219,7 +238,13 @@ void cache_residual_apply_cuda(at::Tensor& x, const at::Tensor& residual) {
     dispatch_cache_dtypes("cache_residual_apply", t, "x", r, "residual", [&](auto xt, auto rt) {
       using T = decltype(xt);
       using R = decltype(rt);
-      launch_elementwise(t.numel(), residual_apply_kernel<T, R>, t.data_ptr<T>(), r.const_data_ptr<R>());
+      constexpr int kVec = 16 / sizeof(T);
+      T* xp = t.data_ptr<T>();
+      const R* rp = r.const_data_ptr<R>();
+      if (t.numel() % kVec == 0 && is_aligned(xp, 16) && is_aligned(rp, sizeof(R) * kVec))
+        launch_elementwise(t.numel() / kVec, residual_apply_kernel<kVec, T, R>, xp, rp);
+      else
+        launch_elementwise(t.numel(), residual_apply_kernel<1, T, R>, xp, rp);
     });
   });
 }

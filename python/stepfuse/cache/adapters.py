@@ -93,6 +93,7 @@ class BlockStack:
     blocks: List[torch.nn.Module]
     io: List[BlockIO]
     indicator: Callable
+    inplace: bool = False  # the span's input is an intermediate of the model's forward (known models)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -137,7 +138,7 @@ def block_stack(model: torch.nn.Module, blocks: Optional[Sequence[str]] = None) 
             raise ValueError(f"stepfuse.cache: {name} has no non-empty block list '{attr}' (an nn.ModuleList)")
         flat.extend(modules)
         flat_io.extend([io] * len(modules))
-    return BlockStack(name, names, flat, flat_io, indicator)
+    return BlockStack(name, names, flat, flat_io, indicator, inplace=known is not None and known[0] == names)
 
 
 @dataclass

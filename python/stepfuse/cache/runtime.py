@@ -468,15 +468,14 @@ class BlockCacheRuntime(_Runtime):
             if x is None:
                 out.append(None)
                 continue
-            # A fresh tensor: the span's input may still be read by the caller (no in-place update).
+            # In the known transformers the span's input is an intermediate nobody reads after the
+            # span, so it is updated in place (one pass); elsewhere it may be the caller's tensor.
+            y = x if self.stack.inplace and not torch.is_grad_enabled() else x.clone()
             if self.taylor is not None and state.factors[slot] is not None:
-                y = x.clone()
                 ops.taylor_predict(state.factors[slot].get(), float(state.step - state.last_full), state.valid,
                                    out=y, accumulate=True)
             elif state.residual[slot] is not None:
-                y = ops.residual_add(x, state.residual[slot].get())
-            else:
-                y = x
+                ops.residual_apply(y, state.residual[slot].get())
             out.append(y)
         return out[0], out[1]
 
