@@ -937,3 +937,41 @@ def test_step_count_errors_at_run_time(built, policy, message):
             assert model._stepfuse_cache.call is None  # the failed call left no half-open state
     finally:
         sc.remove(model)
+
+
+# -- torch.compile and device-side decisions ------------------------------------------------------------
+
+def _drifting_calls(model, steps=6):
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        return [model(x + 0.01 * i) for i in range(steps)]
+
+
+@pytest.mark.parametrize("decision", ["auto", "device"])
+def test_device_decision_matches_host_decision(decision):
+    # decision="device" branches with torch.cond on the flag; the outputs and decisions are the host's.
+    results = []
+    for mode in ("host", decision):
+        model = _Stack()
+        sc.apply(model, sc.FirstBlockCache(threshold=0.05, decision=mode), blocks=["layers"], num_inference_steps=6)
+        results.append((_drifting_calls(model), [d[2] for d in sc.stats(model).decisions]))
+        sc.remove(model)
+    (host, host_flags), (other, other_flags) = results
+    assert any(host_flags) and other_flags == host_flags
+    for a, b in zip(host, other):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decision", ["auto", "device"])
+def test_cache_under_torch_compile_matches_eager(decision):
+    model = _Stack()
+    sc.apply(model, sc.FirstBlockCache(threshold=0.05, decision=decision), blocks=["layers"], num_inference_steps=6)
+    eager, eager_flags = _drifting_calls(model), [d[2] for d in sc.stats(model, reset=True).decisions]
+    sc.reset(model)
+    compiled = torch.compile(model.forward, backend="aot_eager")
+    outs = _drifting_calls(compiled)
+    assert [d[2] for d in sc.stats(model).decisions] == eager_flags and any(eager_flags)
+    for a, b in zip(eager, outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    sc.remove(model)

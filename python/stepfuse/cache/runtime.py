@@ -285,6 +285,7 @@ class BlockCacheRuntime(_Runtime):
 
     def install(self) -> None:
         super().install()
+        self._originals = [block.forward for block in self.stack.blocks]
         for index, block in enumerate(self.stack.blocks):
             self._wrap(block, lambda original, index=index: self._block_forward(index, original))
 
@@ -377,11 +378,14 @@ class BlockCacheRuntime(_Runtime):
         with self._span_running(call):
             return self._span_blocks(args, kwargs, hidden, encoder)
 
-    def _span_blocks(self, args, kwargs, hidden, encoder):
+    def _span_blocks(self, args, kwargs, hidden, encoder, direct: bool = False):
+        # ``direct``: the blocks' own forwards, bypassing every wrapper (inside torch.cond, whose
+        # branches must not depend on host state such as ``running_span``).
         for j in range(*self.span):
             io = self.stack.io[j]
             a, k = io.write(args, kwargs, hidden, encoder)
-            hidden, encoder = io.unpack(self.stack.blocks[j](*a, **k))
+            block = self._originals[j] if direct else self.stack.blocks[j]
+            hidden, encoder = io.unpack(block(*a, **k))
         return hidden, encoder
 
     @staticmethod
@@ -399,6 +403,7 @@ class BlockCacheRuntime(_Runtime):
         self._store(call.state, outputs, (hidden, encoder))
         return outputs
 
+    @_eager  # under torch.compile the branch runs between compiled regions, like the bookkeeping
     def _cond_span(self, call: _Call, args, kwargs, hidden, encoder):
         """Compute or reuse the span on the device's flag with ``torch.cond`` (no host sync): CUDA
         graph conditional nodes when captured, one graph with both branches under torch.compile.
@@ -418,7 +423,7 @@ class BlockCacheRuntime(_Runtime):
             xs, full = operands[:n], [hidden, encoder]
             for i, x in zip(slots, xs):
                 full[i] = x
-            outs = self._span_blocks(args, kwargs, *full)  # no side effects inside torch.cond
+            outs = self._span_blocks(args, kwargs, *full, direct=True)  # no side effects inside torch.cond
             outs = [outs[i] for i in slots]
             return tuple(o.contiguous() for o in outs) + tuple((o - x).contiguous() for o, x in zip(outs, xs))
 
