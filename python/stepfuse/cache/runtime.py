@@ -244,7 +244,7 @@ class _BranchState:
 @dataclass
 class _Call:
     state: _BranchState
-    plan: str  # "full", "reuse" or "decide" (data-dependent, made inside the call)
+    plan: str  # "full", "reuse", "decide" (made inside the call), then "cond" when the flag stays on the device
     total: Optional[int]
     reused: bool = False
     evaluated: int = 0
