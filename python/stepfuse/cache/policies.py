@@ -128,8 +128,8 @@ class CachePolicy:
         decision: where the data-dependent skip flag is used.  ``"auto"`` reads it on the host
             (a one-byte copy per step) except while a CUDA graph is being captured, where the skip
             becomes a conditional node of the graph (no sync); ``"host"`` always reads it (cannot
-            be captured); ``"device"`` never reads it (conditional nodes when captured,
-            ``torch.cond`` otherwise).  Residual reuse only: not with ``taylorseer`` or ``offload``.
+            be captured); ``"device"`` hands it to a device-side branch instead (conditional
+            nodes when captured; otherwise ``torch.cond``, whose eager form reads it itself).  Residual reuse only: not with ``taylorseer`` or ``offload``.
         distributed: under ``torch.distributed`` (initialised, world size > 1), reduce the
             metric across ranks (one packed all-reduce) so every rank takes the same decision.
         parallel: what the ranks hold: ``"sequence"`` (shards of the same samples: sequence or
