@@ -1,0 +1,113 @@
+"""The Triton block-sparse attention kernel against the masked dense reference: under
+TRITON_INTERPRET=1 on the CPU (small shapes), and on a GPU at real sizes when one is visible."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
+triton = pytest.importorskip("triton")
+
+from stepfuse.attention import block_sparse_attention_triton  # noqa: E402
+from stepfuse.ref import attention as ref  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def random_blocks(b, h, q_blocks, kv_blocks, density, seed=0, device="cpu"):
+    """A random block description: each query block keeps about ``density`` of the key blocks
+    (at least one), in random order; unused index slots hold junk the kernel must ignore."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, h, q_blocks, kv_blocks, generator=g) < density
+    keep[..., 0] |= ~keep.any(-1)
+    num = keep.sum(-1).to(torch.int32)
+    order = torch.rand(b, h, q_blocks, kv_blocks, generator=g).masked_fill(~keep, 2.0).argsort(-1)
+    idx = torch.where(torch.arange(kv_blocks) < num[..., None], order, torch.full_like(order, 10 ** 6))
+    return num.to(device), idx.to(torch.int32).to(device)
+
+
+def _inputs(b, h, s_q, s_kv, d, dtype, layout, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = lambda s: (b, h, s, d) if layout == "bhsd" else (b, s, h, d)
+    return [torch.randn(shape(s), generator=g).to(device=device, dtype=dtype) for s in (s_q, s_kv, s_kv)]
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0):
+    q, k, v = _inputs(b, h, s_q, s_kv, d, dtype, layout, device, seed)
+    num, idx = random_blocks(b, h, -(-s_q // block), -(-s_kv // block), density, seed, device)
+    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout)
+    want = ref.block_sparse_attention(q, k, v, num, idx, block, layout=layout)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    if device == "cuda" and dtype != torch.float32:
+        # Half precision on the GPU: held to twice the error of PyTorch's own dense attention in
+        # the same dtype under the equivalent element mask (both against the float64 reference).
+        bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+        mask = ref.block_mask_to_dense(num, idx, block, s_q, s_kv)
+        dense = bhsd(torch.nn.functional.scaled_dot_product_attention(bhsd(q), bhsd(k), bhsd(v), attn_mask=mask))
+        exact = ref.block_sparse_attention(*(t.double() for t in (q, k, v)), num, idx, block, layout=layout)
+        ours, theirs = (got.double() - exact).abs().max(), (dense.double() - exact).abs().max()
+        assert ours <= 2 * theirs + 1e-4, f"error {ours:.3g} against dense SDPA's {theirs:.3g}"
+        return
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs on machines without a GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+# bfloat16 is checked on the GPU only: the interpreter emulates it through numpy, which has no
+# bfloat16 matrix product.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s_q,s_kv,density", [(48, 48, 1.0), (40, 56, 0.5), (17, 33, 0.4), (16, 16, 0.3)])
+def test_interpreted_kernel_matches_reference(layout, dtype, s_q, s_kv, density):
+    _compare(1, 2, s_q, s_kv, 16, 16, density, dtype, layout)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs on machines without a GPU")
+def test_query_block_without_key_blocks_gives_zero():
+    q, k, v = _inputs(1, 1, 32, 32, 16, torch.float32, "bhsd")
+    num = torch.tensor([[[0, 1]]], dtype=torch.int32)
+    idx = torch.tensor([[[[5, 5], [1, 0]]]], dtype=torch.int32)
+    out = block_sparse_attention_triton(q, k, v, num, idx, block_size=16)
+    assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
+    torch.testing.assert_close(out, ref.block_sparse_attention(q, k, v, num, idx, 16), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case,error,match", [
+    (dict(idx_value=7), ValueError, "kv_indices"),
+    (dict(num_value=3), ValueError, "kv_num_blocks"),
+    (dict(head_dim=24), ValueError, "head dim"),
+    (dict(block=48), ValueError, "block_size"),
+    (dict(kv_len=40, k_only=True), ValueError, "same shape"),
+    (dict(dtype_k=torch.float16), TypeError, "share dtype"),
+    (dict(num_shape=(1, 2, 5)), ValueError, "kv_num_blocks must be an int32 tensor of shape"),
+    (dict(layout="sbhd"), ValueError, "layout"),
+])
+def test_bad_input(case, error, match):
+    d = case.get("head_dim", 16)
+    q, k, v = _inputs(1, 2, 32, 32, d, torch.float32, "bhsd")
+    if "kv_len" in case:
+        k = torch.randn(1, 2, case["kv_len"], d)
+    if "dtype_k" in case:
+        k = k.to(case["dtype_k"])
+    num = torch.full(case.get("num_shape", (1, 2, 2)), case.get("num_value", 1), dtype=torch.int32)
+    idx = torch.full((1, 2, 2, 2), case.get("idx_value", 0), dtype=torch.int32)
+    with pytest.raises(error, match=match):
+        block_sparse_attention_triton(q, k, v, num, idx, block_size=case.get("block", 16),
+                                      layout=case.get("layout", "bhsd"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (128, 128), (64, 128)])
+@pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
+def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
+    _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")
