@@ -4,18 +4,33 @@ TRITON_INTERPRET=1 on the CPU (small shapes), and on a GPU at real sizes when on
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 triton = pytest.importorskip("triton")
 
 from stepfuse.attention import block_sparse_attention_triton  # noqa: E402
 from stepfuse.ref import attention as ref  # noqa: E402
 
+# Triton reads TRITON_INTERPRET when it is imported, and the suite may have imported it already:
+# the interpreted checks run in a fresh interpreter process that sets it first.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NEEDS_INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where no GPU is")
+
+
+def _interpreted(call: str) -> None:
+    """Run ``call`` (an expression over this module's names) under TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        eval(call)
+        return
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_attention_triton as t; t.{call}"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def random_blocks(b, h, q_blocks, kv_blocks, density, seed=0, device="cpu"):
@@ -59,24 +74,39 @@ def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", se
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs on machines without a GPU")
-@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-# bfloat16 is checked on the GPU only: the interpreter emulates it through numpy, which has no
-# bfloat16 matrix product.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("s_q,s_kv,density", [(48, 48, 1.0), (40, 56, 0.5), (17, 33, 0.4), (16, 16, 0.3)])
-def test_interpreted_kernel_matches_reference(layout, dtype, s_q, s_kv, density):
-    _compare(1, 2, s_q, s_kv, 16, 16, density, dtype, layout)
+INTERPRETED_CASES = [(layout, dtype, s_q, s_kv, density) for layout in ("bhsd", "bshd")
+                     # bfloat16 is checked on the GPU only: the interpreter emulates it through numpy,
+                     # which has no bfloat16 matrix product.
+                     for dtype in ("float32", "float16")
+                     for s_q, s_kv, density in ((48, 48, 1.0), (40, 56, 0.5), (17, 33, 0.4), (16, 16, 0.3))]
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs on machines without a GPU")
-def test_query_block_without_key_blocks_gives_zero():
+def run_interpreted_cases():
+    for layout, dtype, s_q, s_kv, density in INTERPRETED_CASES:
+        try:
+            _compare(1, 2, s_q, s_kv, 16, 16, density, getattr(torch, dtype), layout)
+        except AssertionError as e:
+            raise AssertionError(f"layout={layout} dtype={dtype} s_q={s_q} s_kv={s_kv} density={density}: {e}")
+
+
+def check_empty_query_block():
     q, k, v = _inputs(1, 1, 32, 32, 16, torch.float32, "bhsd")
     num = torch.tensor([[[0, 1]]], dtype=torch.int32)
     idx = torch.tensor([[[[5, 5], [1, 0]]]], dtype=torch.int32)
     out = block_sparse_attention_triton(q, k, v, num, idx, block_size=16)
     assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
     torch.testing.assert_close(out, ref.block_sparse_attention(q, k, v, num, idx, 16), rtol=2e-5, atol=2e-5)
+
+
+@NEEDS_INTERPRETER
+def test_interpreted_kernel_matches_reference():
+    # both layouts, fp32/fp16, lengths that are and are not multiples of the block, 30-100% density
+    _interpreted("run_interpreted_cases()")
+
+
+@NEEDS_INTERPRETER
+def test_query_block_without_key_blocks_gives_zero():
+    _interpreted("check_empty_query_block()")
 
 
 @pytest.mark.parametrize("case,error,match", [
