@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, base_parser, device_time, format_table, median_time, write_results  # noqa: E402
+from common import DTYPES, base_parser, format_table, kernel_seconds, write_results  # noqa: E402
 
 from stepfuse import ops  # noqa: E402
 from stepfuse.ref import cache as ref  # noqa: E402
@@ -115,11 +115,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else (5 if device.type == "cpu" else 20))
-
-    def seconds(fn) -> float:
-        if device.type == "cuda":
-            return device_time(fn, device, launches=20, repeats=repeats)
-        return median_time(fn, device, repeats=repeats)
+    seconds = kernel_seconds(device, repeats, launches=20)
 
     decision_rows, element_rows = [], []
     for shape_name, dtype_name in itertools.product(args.shapes, args.dtypes):

@@ -78,6 +78,17 @@ def device_time(fn: Callable[[], None], device: torch.device, launches: int = 50
     return statistics.median(times)
 
 
+def kernel_seconds(device: torch.device, repeats: int, launches: int = 20) -> Callable[[Callable[[], None]], float]:
+    """``seconds(fn)``: per-call device time of ``launches`` back-to-back calls on a GPU (CUDA events),
+    the median wall time of single calls on the CPU."""
+    def seconds(fn: Callable[[], None]) -> float:
+        if device.type == "cuda":
+            return device_time(fn, device, launches=launches, repeats=repeats)
+        return median_time(fn, device, repeats=repeats)
+
+    return seconds
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second)."""
     n = nbytes // 4

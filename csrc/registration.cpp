@@ -2,6 +2,7 @@
 // implementations register themselves from csrc/cuda/.
 #include <torch/library.h>
 
+#include "attention.h"
 #include "cache.h"
 #include "solver_step.h"
 
@@ -30,6 +31,12 @@ TORCH_LIBRARY(stepfuse, m) {
   m.def("cache_residual_apply(Tensor(a!) x, Tensor residual) -> ()");
   m.def("cache_taylor_update(Tensor feature, Tensor(a!) factors, float dt, int valid) -> ()");
   m.def("cache_taylor_predict(Tensor factors, float dt, int terms, Tensor(a!) out, bool accumulate) -> ()");
+  // Sparse block attention (csrc/attention.h): attention over the key/value blocks listed per
+  // query block (FlexAttention's block mask), and the pooled block-pair scores mask builders rank.
+  m.def(
+      "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
+      "float scale, bool bshd) -> Tensor");
+  m.def("attention_block_scores(Tensor q, Tensor k, int block_size, float scale, bool bshd) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stepfuse, CPU, m) {
@@ -42,4 +49,6 @@ TORCH_LIBRARY_IMPL(stepfuse, CPU, m) {
   m.impl("cache_residual_apply", &stepfuse::cache_residual_apply_cpu);
   m.impl("cache_taylor_update", &stepfuse::cache_taylor_update_cpu);
   m.impl("cache_taylor_predict", &stepfuse::cache_taylor_predict_cpu);
+  m.impl("block_sparse_attention", &stepfuse::block_sparse_attention_cpu);
+  m.impl("attention_block_scores", &stepfuse::attention_block_scores_cpu);
 }

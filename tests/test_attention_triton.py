@@ -54,10 +54,10 @@ def _inputs(b, h, s_q, s_kv, d, dtype, layout, device="cpu", seed=0):
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0):
+def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0, tiles=None):
     q, k, v = _inputs(b, h, s_q, s_kv, d, dtype, layout, device, seed)
     num, idx = random_blocks(b, h, -(-s_q // block), -(-s_kv // block), density, seed, device)
-    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout)
+    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles)
     want = ref.block_sparse_attention(q, k, v, num, idx, block, layout=layout)
     assert got.shape == q.shape and got.dtype == q.dtype
     if device == "cuda" and dtype != torch.float32:
@@ -89,6 +89,14 @@ def run_interpreted_cases():
             raise AssertionError(f"layout={layout} dtype={dtype} s_q={s_q} s_kv={s_kv} density={density}: {e}")
 
 
+def run_subtile_cases():
+    # Program tiles smaller than the mask's blocks: a listed block is walked in sub-tiles, and with
+    # 40 keys in blocks of 32 the last sub-tile of the second block lies wholly past the end.
+    for s_q, s_kv, tiles in ((40, 40, (16, 16, 4, 1)), (64, 40, (32, 16, 4, 1)), (33, 70, (16, 32, 4, 1))):
+        for layout in ("bhsd", "bshd"):
+            _compare(1, 2, s_q, s_kv, 16, 32, 0.6, torch.float32, layout, tiles=tiles)
+
+
 def check_empty_query_block():
     q, k, v = _inputs(1, 1, 32, 32, 16, torch.float32, "bhsd")
     num = torch.tensor([[[0, 1]]], dtype=torch.int32)
@@ -105,6 +113,11 @@ def test_interpreted_kernel_matches_reference():
 
 
 @NEEDS_INTERPRETER
+def test_interpreted_subtiles_match_reference():
+    _interpreted("run_subtile_cases()")
+
+
+@NEEDS_INTERPRETER
 def test_query_block_without_key_blocks_gives_zero():
     _interpreted("check_empty_query_block()")
 
@@ -118,6 +131,8 @@ def test_query_block_without_key_blocks_gives_zero():
     (dict(dtype_k=torch.float16), TypeError, "share dtype"),
     (dict(num_shape=(1, 2, 5)), ValueError, "kv_num_blocks must be an int32 tensor of shape"),
     (dict(layout="sbhd"), ValueError, "layout"),
+    (dict(tiles=(24, 16, 4, 1)), ValueError, "tiles"),
+    (dict(tiles=(16, 16, 4)), ValueError, "tiles"),
 ])
 def test_bad_input(case, error, match):
     d = case.get("head_dim", 16)
@@ -130,7 +145,7 @@ def test_bad_input(case, error, match):
     idx = torch.full((1, 2, 2, 2), case.get("idx_value", 0), dtype=torch.int32)
     with pytest.raises(error, match=match):
         block_sparse_attention_triton(q, k, v, num, idx, block_size=case.get("block", 16),
-                                      layout=case.get("layout", "bhsd"))
+                                      layout=case.get("layout", "bhsd"), tiles=case.get("tiles"))
 
 
 @pytest.mark.cuda
@@ -141,3 +156,66 @@ def test_bad_input(case, error, match):
 @pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
 def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
     _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")
+
+
+# --------------------------------------------------------------------------------------------- block scores
+
+from stepfuse.attention import block_scores_triton  # noqa: E402
+
+# The scores are fp32 from the same (exactly representable) inputs in every dtype, so one tolerance.
+SCORE_TOL = 1e-5
+
+
+def _compare_scores(b, h, s_q, s_kv, d, block, dtype, layout, device="cpu", seed=0):
+    q, k, _ = _inputs(b, h, s_q, s_kv, d, dtype, layout, device, seed)
+    got = block_scores_triton(q, k, block, layout=layout)
+    want = ref.block_scores(q, k, block, layout=layout)
+    assert got.dtype == torch.float32 and got.shape == (b, h, -(-s_q // block), -(-s_kv // block))
+    torch.testing.assert_close(got, want, rtol=SCORE_TOL, atol=SCORE_TOL)
+
+
+SCORE_CASES = [(layout, dtype, s_q, s_kv, d, block) for layout in ("bhsd", "bshd") for dtype in ("float32", "float16")
+               # square, ragged lengths with an odd head dim, and 150 key blocks (two softmax chunks)
+               for s_q, s_kv, d, block in ((48, 48, 16, 16), (17, 33, 24, 16), (9, 600, 16, 4))]
+
+
+def run_interpreted_score_cases():
+    for layout, dtype, s_q, s_kv, d, block in SCORE_CASES:
+        try:
+            _compare_scores(1, 2, s_q, s_kv, d, block, getattr(torch, dtype), layout)
+        except AssertionError as e:
+            raise AssertionError(f"layout={layout} dtype={dtype} s_q={s_q} s_kv={s_kv} d={d} block={block}: {e}")
+
+
+@NEEDS_INTERPRETER
+def test_interpreted_block_scores_match_reference():
+    _interpreted("run_interpreted_score_cases()")
+
+
+@pytest.mark.parametrize("case,error,match", [
+    (dict(layout="sbhd"), ValueError, "layout"),
+    (dict(k_dtype=torch.float16), TypeError, "one dtype"),
+    (dict(q_dtype=torch.float64), TypeError, "float16"),
+    (dict(block=0), ValueError, "block_size"),
+    (dict(k_heads=3), ValueError, "differ"),
+    (dict(q_dim=3), ValueError, "4-D"),
+])
+def test_block_scores_bad_input(case, error, match):
+    q, k, _ = _inputs(1, 2, 32, 32, 16, case.get("q_dtype", torch.float32), "bhsd")
+    k = k.to(case.get("k_dtype", q.dtype))
+    if "k_heads" in case:
+        k = torch.randn(1, case["k_heads"], 32, 16, dtype=q.dtype)
+    if "q_dim" in case:
+        q = q[0]
+    with pytest.raises(error, match=match):
+        block_scores_triton(q, k, case.get("block", 16), layout=case.get("layout", "bhsd"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 128), (72, 64)])
+@pytest.mark.parametrize("s_q,s_kv", [(1000, 1000), (777, 12900), (4096, 4096)])
+def test_block_scores_on_cuda(layout, dtype, d, block, s_q, s_kv):
+    _compare_scores(2, 3, s_q, s_kv, d, block, dtype, layout, device="cuda")

@@ -21,6 +21,7 @@ import stepfuse.cache as sc
 from stepfuse import metrics, models
 from stepfuse.testing import pipelines as tiny
 from stepfuse.testing.parity import relative_error
+from stepfuse.testing.transformers import drift, tiny_flux, tiny_sd3, tiny_wan
 
 STEPS = 8  # denoising steps of every run here: enough for warm-up, skips and a forced last step
 LABELS = [1, 7]
@@ -41,54 +42,7 @@ def _one_thread():
 
 # -- models and step loops ---------------------------------------------------------------------------
 
-def _drift(shape, seed=1):
-    """``inputs(i)``: a fixed tensor plus ``0.02 i`` times fixed noise (adjacent steps nearly equal)."""
-    g = torch.Generator().manual_seed(seed)
-    base, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return lambda i: base + 0.02 * i * noise
-
-
-def _tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                   pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
-    g = torch.Generator().manual_seed(2)
-    text, pooled = torch.randn(2, 6, 16, generator=g), torch.randn(2, 8, generator=g)
-    grid = torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij")
-    img_ids, txt_ids = torch.stack(grid, -1).reshape(-1, 3), torch.zeros(6, 3)
-    hidden = _drift((2, 16, 8))
-    return model, lambda i: dict(hidden_states=hidden(i), encoder_hidden_states=text, pooled_projections=pooled,
-                                 timestep=torch.full((2,), 1.0 - 0.01 * i), img_ids=img_ids, txt_ids=txt_ids)
-
-
-def _tiny_wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=3,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    text = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
-    hidden = _drift((2, 4, 1, 4, 4))
-    return model, lambda i: dict(hidden_states=hidden(i), encoder_hidden_states=text,
-                                 timestep=torch.full((2,), 900.0 - 5 * i))
-
-
-def _tiny_sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
-    g = torch.Generator().manual_seed(2)
-    text, pooled = torch.randn(2, 6, 16, generator=g), torch.randn(2, 8, generator=g)
-    hidden = _drift((2, 4, 8, 8))
-    return model, lambda i: dict(hidden_states=hidden(i), encoder_hidden_states=text, pooled_projections=pooled,
-                                 timestep=torch.full((2,), 900.0 - 5 * i))
+_drift = drift
 
 
 def _digits(name):
@@ -106,7 +60,7 @@ def _tiny_unet():
     return unet, lambda i: dict(sample=sample(i), timestep=900 - 10 * i, encoder_hidden_states=text)
 
 
-TRANSFORMERS = {"digits-dit": lambda: _digits("digits-dit"), "flux": _tiny_flux, "wan": _tiny_wan, "sd3": _tiny_sd3}
+TRANSFORMERS = {"digits-dit": lambda: _digits("digits-dit"), "flux": tiny_flux, "wan": tiny_wan, "sd3": tiny_sd3}
 UNETS = {"digits-unet": lambda: _digits("digits-unet"), "sd-unet": _tiny_unet}
 
 

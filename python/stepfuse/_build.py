@@ -30,4 +30,18 @@ def build_info() -> dict:
         "triton": importlib.util.find_spec("triton") is not None,
         "compiler": built.get("compiler"),
         "ops": registered_ops(),
+        **_sparse_attention(),
     }
+
+
+def _sparse_attention() -> dict:
+    """Where block-sparse attention runs here, and why it fell back to dense SDPA in this process."""
+    from .attention.runtime import FALLBACKS, SUPPORTED
+
+    cpu = "C++ kernel" if "block_sparse_attention" in registered_ops() else "dense SDPA (the C++ kernel is not built)"
+    if importlib.util.find_spec("triton") is None:
+        cuda = "dense SDPA (Triton is not installed)"
+    else:
+        cuda = "Triton kernel" + ("" if torch.cuda.is_available() else " (no GPU visible)")
+    fallbacks = "; ".join(f"{reason} ({count} calls)" for reason, count in FALLBACKS.most_common()) or "none"
+    return {"sparse_attention": f"cpu: {cpu}; cuda: {cuda}; {SUPPORTED}", "sparse_attention_fallbacks": fallbacks}

@@ -15,19 +15,32 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["block_sparse_attention_triton", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["block_sparse_attention_triton", "block_scores_triton", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 _LAYOUTS = ("bhsd", "bshd")
 
 
+# Autotuned configurations (BLOCK_M, BLOCK_N, num_warps, num_stages): the program's query rows and
+# the key sub-tile walked per step, both dividing the mask's block.  FlashAttention-2's Triton
+# kernels run best with 128 x 64 tiles and 8 warps at head dim 128 on Hopper, 128 x 128 / 4 warps at
+# 64; smaller tiles win at low occupancy (few heads, short sequences).
+_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4),
+            (32, 64, 4, 3))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel():
+def _kernel(mask_block: int, tuned: bool):
     import triton
     import triton.language as tl
 
@@ -36,12 +49,14 @@ def _kernel():
                          sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                          snb, snh, snm, sib, sih, sim, sik,
                          H, S_Q, S_KV,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         MASK_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        SPLIT_N: tl.constexpr = MASK_BLOCK // BLOCK_N  # key sub-tiles per listed block
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        q_block = pid_m * BLOCK_M // MASK_BLOCK
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         cols0 = tl.arange(0, BLOCK_N)
@@ -50,11 +65,12 @@ def _kernel():
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        count = tl.load(KV_NUM + b * snb + h * snh + pid_m * snm)
-        index_row = KV_IDX + b * sib + h * sih + pid_m * sim
-        for j in range(0, count):
-            block = tl.load(index_row + j * sik)
-            cols = block * BLOCK_N + cols0
+        count = tl.load(KV_NUM + b * snb + h * snh + q_block * snm)
+        index_row = KV_IDX + b * sib + h * sih + q_block * sim
+        # One flat loop over (listed block, sub-tile) so the compiler pipelines the loads across blocks.
+        for j in range(0, count * SPLIT_N):
+            block = tl.load(index_row + (j // SPLIT_N) * sik)
+            cols = block * MASK_BLOCK + (j % SPLIT_N) * BLOCK_N + cols0
             valid = cols < S_KV
             k = tl.load(K + b * skb + h * skh + cols[None, :] * sks + dims[:, None] * skd,
                         mask=valid[None, :], other=0.0)
@@ -65,8 +81,10 @@ def _kernel():
             # base-2 online softmax (qk_scale carries log2(e)): running max, rescaled sums.
             s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
+            # A sub-tile wholly past the sequence's end leaves m at -inf: keep the exponents finite.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :] * svd,
                         mask=valid[:, None], other=0.0)
@@ -80,7 +98,11 @@ def _kernel():
         tl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=rows[:, None] < S_Q)
 
-    return block_sparse_fwd
+    if not tuned:
+        return block_sparse_fwd
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _CONFIGS if m <= mask_block and n <= mask_block]
+    return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H"])(block_sparse_fwd)
 
 
 def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
@@ -123,7 +145,8 @@ def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
 
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                                   kv_indices: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
-                                  layout: str = "bhsd", check_indices: bool = True) -> torch.Tensor:
+                                  layout: str = "bhsd", check_indices: bool = True,
+                                  tiles: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """Attention of ``q`` over the key/value blocks listed per query block.
 
     Args:
@@ -133,6 +156,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         kv_indices: int32 ``(B, H, ceil(S_q / block_size), max_blocks)``; indices of key blocks.
         scale: softmax scale, ``1 / sqrt(D)`` by default.
         check_indices: verify the listed indices lie in range (one small host read).
+        tiles: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` to run instead of the autotuned choice
+            (tile sizes dividing ``block_size``); under ``TRITON_INTERPRET=1`` the default is
+            ``(block_size, block_size, 4, 1)``.
     """
     b, h, d, s_q, s_kv, q_blocks, kv_blocks = _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout)
     if check_indices:
@@ -149,9 +175,120 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         s = t.stride()
         return (s[0], s[1], s[2], s[3]) if layout == "bhsd" else (s[0], s[2], s[1], s[3])
 
-    grid = (q_blocks, b * h)
-    _kernel()[grid](q, k, v, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
-                    *strides(q), *strides(k), *strides(v), *strides(out),
-                    *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv,
-                    BLOCK_M=block_size, BLOCK_N=block_size, HEAD_DIM=d, IEEE=q.dtype == torch.float32)
+    if tiles is None and _interpreting():
+        tiles = (block_size, block_size, 4, 1)
+    fixed = {}
+    if tiles is not None:
+        if len(tiles) != 4 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tiles) \
+                or block_size % tiles[0] or block_size % tiles[1] or tiles[0] < 16 or tiles[1] < 16:
+            raise ValueError(f"block_sparse_attention: tiles must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with "
+                             f"tile sizes of at least 16 dividing block_size {block_size}, got {tiles!r}")
+        fixed = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
+    kernel = _kernel(block_size, tiles is None)
+    grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
+    kernel[grid](q, k, v, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
+                 *strides(q), *strides(k), *strides(v), *strides(out),
+                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv,
+                 MASK_BLOCK=block_size, HEAD_DIM=d, IEEE=q.dtype == torch.float32, **fixed)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _score_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_mean(X, OUT, sxb, sxh, sxs, sxd, H, S, D, N_BLOCKS, BLOCK_SIZE,
+                   ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # mean over the valid tokens of one block of one head, fp32; padded dims stay zero
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        dims = tl.arange(0, HEAD_DIM)
+        first = blk * BLOCK_SIZE
+        count = tl.minimum(BLOCK_SIZE, S - first)
+        total = tl.zeros([HEAD_DIM], tl.float32)
+        for r in range(0, count, ROWS):
+            rows = r + tl.arange(0, ROWS)
+            x = tl.load(X + b * sxb + h * sxh + (first + rows)[:, None] * sxs + dims[None, :] * sxd,
+                        mask=(rows[:, None] < count) & (dims[None, :] < D), other=0.0)
+            total += tl.sum(x.to(tl.float32), 0)
+        tl.store(OUT + (bh * N_BLOCKS + blk) * HEAD_DIM + dims, total / count.to(tl.float32))
+
+    @triton.jit
+    def block_softmax(QM, KM, OUT, scale, S_KV, QB, KB, BLOCK_SIZE,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # one row block of one head: logits scale * <q_i, k_j> + log n_j, softmax over all key
+        # blocks in chunks (online max and sum, then a second pass that recomputes and normalises)
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(QM + (bh * QB + rows[:, None]) * HEAD_DIM + dims[None, :], mask=rows[:, None] < QB, other=0.0)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        for start in range(0, KB, COLS):
+            cols = start + tl.arange(0, COLS)
+            k = tl.load(KM + (bh * KB + cols[None, :]) * HEAD_DIM + dims[:, None], mask=cols[None, :] < KB, other=0.0)
+            n_j = tl.maximum(tl.minimum(BLOCK_SIZE, S_KV - cols * BLOCK_SIZE), 1).to(tl.float32)
+            s = tl.dot(q, k, input_precision="ieee") * scale + tl.log(n_j)[None, :]
+            s = tl.where(cols[None, :] < KB, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+        for start in range(0, KB, COLS):
+            cols = start + tl.arange(0, COLS)
+            k = tl.load(KM + (bh * KB + cols[None, :]) * HEAD_DIM + dims[:, None], mask=cols[None, :] < KB, other=0.0)
+            n_j = tl.maximum(tl.minimum(BLOCK_SIZE, S_KV - cols * BLOCK_SIZE), 1).to(tl.float32)
+            s = tl.dot(q, k, input_precision="ieee") * scale + tl.log(n_j)[None, :]
+            tl.store(OUT + (bh * QB + rows[:, None]) * KB + cols[None, :], tl.exp(s - m_i[:, None]) / l_i[:, None],
+                     mask=(rows[:, None] < QB) & (cols[None, :] < KB))
+
+    return block_mean, block_softmax
+
+
+def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
+                        layout: str = "bhsd") -> torch.Tensor:
+    """Estimated attention mass of every (query block, key block) pair, float32 ``(B, H, Qb, Kb)``:
+    the row softmax of ``scale * <mean q_i, mean k_j> + log n_j`` over key blocks, means over the
+    valid tokens of each block (``n_j`` of them), as ``stepfuse.ref.attention.block_scores``.
+
+    Two kernels: block means of q and k (fp32), then per row block the logits and their softmax,
+    streamed over the key blocks in chunks so rows of any length fit.
+    """
+    op = "block_scores"
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {_LAYOUTS}, got {layout!r}")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
+        raise ValueError(f"{op}: q and k must be 4-D tensors ({layout})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or k.device != q.device:
+        raise TypeError(f"{op}: q and k must be float16, bfloat16 or float32 of one dtype on one device, got "
+                        f"{q.dtype}/{k.dtype} on {q.device}/{k.device}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{op}: block_size must be a positive int, got {block_size!r}")
+    bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    qv, kv = bhsd(q), bhsd(k)
+    if qv.shape[:2] != kv.shape[:2] or qv.shape[3] != kv.shape[3]:
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    b, h, s_q, d = qv.shape
+    s_kv = kv.shape[2]
+    q_blocks, kv_blocks = -(-s_q // block_size), -(-s_kv // block_size)
+    head_dim = max(16, _next_power_of_2(d))  # tl.dot needs every side >= 16
+    block_mean, block_softmax = _score_kernels()
+    means = []
+    for x, s, blocks in ((qv, s_q, q_blocks), (kv, s_kv, kv_blocks)):
+        out = torch.empty(b * h, blocks, head_dim, dtype=torch.float32, device=q.device)
+        block_mean[(blocks, b * h)](x, out, *x.stride(), h, s, d, blocks, block_size,
+                                    ROWS=min(64, _next_power_of_2(block_size)), HEAD_DIM=head_dim)
+        means.append(out)
+    scores = torch.empty(b, h, q_blocks, kv_blocks, dtype=torch.float32, device=q.device)
+    rows = 16
+    block_softmax[(-(-q_blocks // rows), b * h)](
+        *means, scores, float(1.0 / math.sqrt(d) if scale is None else scale), s_kv, q_blocks, kv_blocks, block_size,
+        ROWS=rows, COLS=min(128, max(16, _next_power_of_2(kv_blocks))), HEAD_DIM=head_dim)
+    return scores
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

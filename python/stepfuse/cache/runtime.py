@@ -701,8 +701,8 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
 _CONTEXT_HOOK = "stepfuse_cache_context"
 
 
-def attach_context(model, sink) -> None:
-    """Relay diffusers' ``cache_context`` of ``model`` to ``sink.context``."""
+def attach_context(model, sink, name: str = _CONTEXT_HOOK) -> None:
+    """Relay diffusers' ``cache_context`` of ``model`` to ``sink.context`` (a hook called ``name``)."""
     if not hasattr(model, "cache_context"):
         return  # not a diffusers model: branches come from stepfuse.cache.branch()
     from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
@@ -724,10 +724,10 @@ def attach_context(model, sink) -> None:
         def reset_state(self, module):  # pipelines reset stateful hooks after each call: nothing held here
             return module
 
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(_ContextHook(), _CONTEXT_HOOK)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_ContextHook(), name)
 
 
-def detach_context(model) -> None:
+def detach_context(model, name: str = _CONTEXT_HOOK) -> None:
     registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and _CONTEXT_HOOK in getattr(registry, "hooks", {}):
-        registry.remove_hook(_CONTEXT_HOOK, recurse=False)
+    if registry is not None and name in getattr(registry, "hooks", {}):
+        registry.remove_hook(name, recurse=False)

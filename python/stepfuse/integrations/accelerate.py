@@ -97,6 +97,7 @@ class _State:
     batch_branches: bool
     scheduler_kwargs: dict = field(default_factory=dict)
     cache: Any = None  # the stepfuse.cache policy installed on the denoiser
+    attention: Any = None  # the stepfuse.attention.SparseAttention config installed on the denoiser
 
 
 _STATE = "_stepfuse_state"
@@ -104,7 +105,7 @@ _CLASSES: Dict[type, type] = {}
 
 
 def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guidance=None,
-               batch_branches: bool = True, cache=None, **scheduler_kwargs):
+               batch_branches: bool = True, cache=None, attention=None, **scheduler_kwargs):
     """Install stepfuse into ``pipe`` (in place) and return it.
 
     Args:
@@ -119,6 +120,8 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
         cache: a :mod:`stepfuse.cache` policy installed on the denoiser (``DeepCache`` for UNets,
             the block caches for transformers); each call sets its step count and releases its
             memory at the end.
+        attention: a :class:`stepfuse.attention.SparseAttention` config: the transformer's
+            self-attention runs block-sparse (its schedule gets each call's step count).
         **scheduler_kwargs: config overrides for the drop-in scheduler (e.g. ``use_karras_sigmas=True``).
 
     Calling it again replaces the settings; :func:`restore` undoes it.
@@ -151,6 +154,13 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
 
     if cache is not None and not isinstance(cache, CachePolicy):
         raise TypeError(f"cache must be None or a stepfuse.cache policy, got {type(cache).__name__}")
+    from ..attention import SparseAttention
+
+    if attention is not None and not isinstance(attention, SparseAttention):
+        raise TypeError(f"attention must be None or a stepfuse.attention.SparseAttention, got "
+                        f"{type(attention).__name__}")
+    if attention is not None and getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"attention: sparse attention needs a transformer denoiser; {base.__name__} has a UNet")
     adapter.check_components(pipe)
     original = state.scheduler if state is not None else pipe.scheduler
     if original is None:
@@ -158,8 +168,10 @@ def accelerate(pipe, solver: str = "dpmpp_2m", steps: Optional[int] = None, guid
     scheduler = build_scheduler(solver, original, _model_type(pipe, original), **scheduler_kwargs)
     new_state = _State(base, original, adapter, solver, None if steps is None else int(steps), guidance,
                        batch_branches, dict(scheduler_kwargs))
+    _install_attention(pipe, state, None)  # attention wraps the cache's forward: off first, back on last
     _install_cache(pipe, state, cache)
-    new_state.cache = cache
+    _install_attention(pipe, None, attention)
+    new_state.cache, new_state.attention = cache, attention
     pipe.scheduler = scheduler
     pipe.__class__ = _accelerated_class(base)
     setattr(pipe, _STATE, new_state)
@@ -180,11 +192,21 @@ def _install_cache(pipe, state: Optional[_State], cache) -> None:
         sc.apply(_denoiser(pipe), cache)
 
 
+def _install_attention(pipe, state: Optional[_State], attention) -> None:
+    from .. import attention as sa
+
+    if state is not None and state.attention is not None and getattr(_denoiser(pipe), "_stepfuse_attention", None):
+        sa.remove(_denoiser(pipe))
+    if attention is not None:
+        sa.apply(_denoiser(pipe), attention)
+
+
 def restore(pipe):
     """Undo :func:`accelerate`: the original class and scheduler come back. Returns ``pipe``."""
     state = getattr(pipe, _STATE, None)
     if state is None:
         raise ValueError(f"pipe ({type(pipe).__name__}) was not accelerated by stepfuse.accelerate")
+    _install_attention(pipe, state, None)
     _install_cache(pipe, state, None)
     pipe.__class__ = state.base
     pipe.scheduler = state.scheduler
@@ -293,19 +315,21 @@ def _sample(pipe, state: _State, run: _Run, guidance, call) -> torch.Tensor:
     generator = call.get("generator")
     if "generator" not in inspect.signature(pipe.scheduler.step).parameters:
         generator = None
-    if state.cache is None:
-        return sampler(run.model, run.latents, run.cond, uncond=run.uncond if guidance is not None else None,
-                       shared=run.shared, callback=_step_callback(pipe, call), generator=generator)
+    from .. import attention as sa
     from .. import cache as sc
 
     denoiser = _denoiser(pipe)
-    sc.reset(denoiser)  # a new run; the cache holds memory only while the call lasts
-    sc.set_num_inference_steps(denoiser, len(pipe.scheduler.timesteps))
+    # A new run: caches and masks are reset, told the step count, and hold memory only while the call lasts.
+    runs = [m for m, on in ((sc, state.cache is not None), (sa, state.attention is not None)) if on]
+    for module in runs:
+        module.reset(denoiser)
+        module.set_num_inference_steps(denoiser, len(pipe.scheduler.timesteps))
     try:
         return sampler(run.model, run.latents, run.cond, uncond=run.uncond if guidance is not None else None,
                        shared=run.shared, callback=_step_callback(pipe, call), generator=generator)
     finally:
-        sc.release(denoiser)
+        for module in runs:
+            module.reset(denoiser)
 
 
 def _output(pipe, call, output_cls, images, **fields):

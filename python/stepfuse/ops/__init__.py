@@ -1,9 +1,10 @@
 """Thin Python entry points over ``torch.ops.stepfuse.*``, with their fake impls."""
 
+from .attention import block_scores, block_sparse_attention
 from .cache import (cache_decide, cache_distance, residual_add, residual_apply, residual_store,
                     taylor_predict, taylor_update)
 from .guidance import guidance_stats, guided_step
 from .solver_step import solver_step
 
-__all__ = ["cache_decide", "cache_distance", "guidance_stats", "guided_step", "residual_add", "residual_apply",
-           "residual_store", "solver_step", "taylor_predict", "taylor_update"]
+__all__ = ["block_scores", "block_sparse_attention", "cache_decide", "cache_distance", "guidance_stats", "guided_step",
+           "residual_add", "residual_apply", "residual_store", "solver_step", "taylor_predict", "taylor_update"]

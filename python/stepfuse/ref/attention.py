@@ -36,3 +36,30 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows attending to nothing give zero
     out = (probs @ v.double()).to(q.dtype)
     return out.transpose(1, 2) if layout == "bshd" else out
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: Optional[float] = None,
+                 layout: str = "bhsd") -> torch.Tensor:
+    """Estimated attention mass of every (query block, key block) pair, float32 ``(B, H, Qb, Kb)``.
+
+    Queries and keys are mean-pooled over the valid tokens of each block; the score of a pair is
+    ``scale * <q_mean_i, k_mean_j> + log(n_j)`` with ``n_j`` the tokens in key block ``j`` (a block
+    of ``n_j`` alike keys carries ``n_j`` times the mass of one), and each row is softmax-normalised,
+    so a row sums to one and its entries estimate the share of attention each key block receives.
+    """
+    if layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    s_q, s_kv, d = q.shape[2], k.shape[2], q.shape[3]
+
+    def pooled(x, s):
+        blocks = -(-s // block_size)
+        padded = torch.nn.functional.pad(x.double(), (0, 0, 0, blocks * block_size - s))
+        sums = padded.unflatten(2, (blocks, block_size)).sum(3)
+        counts = torch.full((blocks,), float(block_size), dtype=torch.float64, device=x.device)
+        counts[-1] = s - (blocks - 1) * block_size
+        return sums / counts[:, None], counts
+
+    q_mean, _ = pooled(q, s_q)
+    k_mean, k_counts = pooled(k, s_kv)
+    logits = (q_mean @ k_mean.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    return torch.softmax(logits + k_counts.log(), dim=-1).float()

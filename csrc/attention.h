@@ -1,0 +1,53 @@
+// Block-sparse attention and block scoring (DESIGN.md, "sparse block attention").
+//
+// The sparsity is described as FlexAttention's block mask is: for every (batch, head, query
+// block) kv_num_blocks[b, h, i] counts the key/value blocks it attends to and the first that
+// many entries of kv_indices[b, h, i, :] list them.  Blocks are block_size tokens; the last
+// block of either sequence may be partial; a query block with no key block gives zeros.
+// Host glue (input checks, strided views) in csrc/attention.cpp; kernels in
+// csrc/cpu/attention_kernel.cpp; references in python/stepfuse/ref/attention.py; the GPU
+// path is Triton (python/stepfuse/attention/triton_kernel.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace stepfuse {
+
+// One of q, k, v or the output, read through (batch, head, sequence) element strides
+// whatever the layout; the head dim is contiguous.
+struct AttentionOperand {
+  at::Tensor tensor;
+  int64_t batch_stride, head_stride, seq_stride;
+};
+
+// block_sparse_attention's operands, checked (csrc/attention.cpp).
+struct BlockSparseProblem {
+  AttentionOperand q, k, v, out;
+  at::Tensor kv_num_blocks, kv_indices;  // int32, contiguous, values checked
+  int64_t batch, heads, head_dim, s_q, s_kv, block_size, q_blocks, kv_blocks, max_blocks;
+  double scale;
+};
+
+// attention_block_scores' operands, checked; out is float32 contiguous (B, H, Qb, Kb).
+struct BlockScoresProblem {
+  AttentionOperand q, k;
+  at::Tensor out;
+  int64_t batch, heads, head_dim, s_q, s_kv, block_size, q_blocks, kv_blocks;
+  double scale;
+};
+
+BlockSparseProblem block_sparse_attention_prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+                                                  int64_t block_size, double scale, bool bshd);
+BlockScoresProblem attention_block_scores_prepare(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                                                  double scale, bool bshd);
+
+at::Tensor block_sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+                                      int64_t block_size, double scale, bool bshd);
+at::Tensor attention_block_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t block_size, double scale,
+                                      bool bshd);
+
+}  // namespace stepfuse
