@@ -318,3 +318,22 @@ def test_apply_rejects_bad_input(built):
         sa.remove(model)
     with pytest.raises(ValueError, match="no sparse attention"):
         sa.remove(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_attention_on_cuda(dtype):
+    model, inputs = tiny_wan(head_dim=16, frames=4, side=16)
+    model = model.to("cuda", dtype).eval()
+    on_gpu = lambda i: {k: v.to("cuda", dtype) if v.is_floating_point() else v.cuda()  # noqa: E731
+                        for k, v in inputs(i).items()}
+    dense = _run(model, on_gpu, steps=2)
+    out, stats = _with(model, sa.SparseAttention(**KEEP_ALL), lambda: _run(model, on_gpu, steps=2))
+    assert stats.sparse == stats.calls > 0 and not stats.fallbacks
+    for a, b in zip(out, dense):
+        assert relative_error(a.float(), b.float()) < (1e-4 if dtype == torch.float32 else 2e-2)
+    for pattern in ("adaptive", "sliding_tile", "radial", "per_head"):
+        _, stats = _with(model, sa.SparseAttention(pattern=pattern, window=(1, 1, 1), **SPARSE),
+                         lambda: _run(model, on_gpu, steps=2))
+        assert stats.sparse == stats.calls > 0 and stats.density < 1.0 and not stats.fallbacks

@@ -66,7 +66,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 def stats(model: torch.nn.Module, reset: bool = False) -> AttentionStats:
     """Attention calls run sparse, dense by the schedule and dense by fallback (with reasons)."""
     runtime = _runtime(model, "stats")
-    out = dataclasses.replace(runtime.stats, fallbacks=dict(runtime.stats.fallbacks))
+    out = dataclasses.replace(runtime.resolve(), fallbacks=dict(runtime.stats.fallbacks))
     if reset:
         runtime.stats = AttentionStats()
     return out

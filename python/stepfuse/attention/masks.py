@@ -142,13 +142,18 @@ class BlockMask:
         """The fraction of (query token, key token) pairs that lie in kept blocks, averaged over
         batch and heads: a pair of blocks counts with the number of valid token pairs it holds, so
         the partial last blocks weigh less (one host read on first use, then remembered)."""
+        return float(self.density_tensor)
+
+    @functools.cached_property
+    def density_tensor(self) -> torch.Tensor:
+        """:attr:`density` as a float64 scalar tensor on the mask's device (no host read)."""
         bs = self.block_size
         q_tokens = torch.full((self.q_blocks,), bs, dtype=torch.float64, device=self.device)
         k_tokens = torch.full((self.kv_blocks,), bs, dtype=torch.float64, device=self.device)
         q_tokens[-1] = self.q_len - (self.q_blocks - 1) * bs
         k_tokens[-1] = self.kv_len - (self.kv_blocks - 1) * bs
         kept = torch.einsum("bhqk,q,k->", self.to_dense_blocks().double(), q_tokens, k_tokens)
-        return float(kept) / (self.q_len * self.kv_len * self.kv_num_blocks.shape[0] * self.kv_num_blocks.shape[1])
+        return kept / (self.q_len * self.kv_len * self.kv_num_blocks.shape[0] * self.kv_num_blocks.shape[1])
 
     def to_dense_blocks(self) -> torch.Tensor:
         """bool ``(B, H, Qb, Kb)``: which key blocks each query block attends."""

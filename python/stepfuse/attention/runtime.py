@@ -238,6 +238,14 @@ class AttentionRuntime:
         self._originals: List[Tuple[torch.nn.Module, object]] = []
         self._forward = None
         self._logged: set = set()
+        self._kept: Optional[torch.Tensor] = None  # density of the sparse calls not yet added to stats
+
+    def resolve(self) -> AttentionStats:
+        """The stats with the device-side density sums read (one host read, when asked)."""
+        if self._kept is not None:
+            self.stats.kept_blocks += float(self._kept)
+            self._kept = None
+        return self.stats
 
     # -- installation --------------------------------------------------------------------------------
     def install(self) -> None:
@@ -410,7 +418,9 @@ class AttentionRuntime:
         out = block_sparse_attention(q, k, v, mask.kv_num_blocks, mask.kv_indices, block_size=block, scale=scale,
                                      layout="bhsd", check_indices=False)  # built here: valid, no host read
         stats.sparse += 1
-        stats.kept_blocks += mask.density
+        # Summed on the mask's device and read when stats are asked for: no host sync per call.
+        kept = mask.density_tensor
+        self._kept = kept if self._kept is None else self._kept + kept.to(self._kept.device)
         if layout is not None:
             out = layout.restore(out, 2, prompt_tokens=prompt, prompt_position=position)
         return out
