@@ -110,6 +110,10 @@ def bench_kernels(args, device, seconds) -> list:
                                                              "ours TF/s": round(flops * actual / t / 1e12, 3),
                                                              "vs best sdpa": f"{best / t:.2f}x ({best_name})"})
                 if device.type == "cuda":
+                    from stepfuse.attention.triton_kernel import _kernel
+
+                    best_config = getattr(_kernel(BLOCK, True), "best_config", None)  # the autotuner's pick
+                    rec["tiles"] = str(best_config).replace("\n", " ") if best_config is not None else "-"
                     try:
                         tf = seconds(flex_runner(q, k, v, num, idx, BLOCK))
                         rec["flex ms"] = round(tf * 1e3, 3)

@@ -7,7 +7,6 @@
 namespace stepfuse {
 namespace {
 
-constexpr int64_t kHeadDims[] = {16, 32, 64, 128};
 constexpr int64_t kBlockSizes[] = {16, 32, 64, 128};
 
 bool one_of(int64_t value, const int64_t (&allowed)[4]) {
@@ -47,8 +46,9 @@ Shape check_qk(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(head_axis) == q.size(head_axis) && k.size(3) == q.size(3), op,
                     ": k must match q in batch, heads and head dim ", layout, ", got q ", q.sizes(), " and k ",
                     k.sizes());
-  TORCH_CHECK_VALUE(one_of(q.size(3), kHeadDims), op, ": head dim (last axis of q) must be 16, 32, 64 or 128, got ",
-                    q.size(3));
+  // The P V product walks the head dim in 16-wide column panels (csrc/cpu/attention_math.h).
+  TORCH_CHECK_VALUE(q.size(3) % 16 == 0 && q.size(3) >= 16 && q.size(3) <= 128, op,
+                    ": head dim (last axis of q) must be a multiple of 16 from 16 to 128, got ", q.size(3));
   TORCH_CHECK_VALUE(one_of(block_size, kBlockSizes), op, ": block_size must be 16, 32, 64 or 128, got ", block_size);
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Shape s{q.size(0), q.size(head_axis), q.size(3), q.size(seq_axis), k.size(seq_axis), 0, 0};

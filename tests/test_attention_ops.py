@@ -18,7 +18,7 @@ F32_ATOL = 2e-5
 SCORES_ATOL = 1e-5
 # (head dim, block size, S_q, S_kv): equal and unequal lengths, multiples of the block and not.
 GEOMETRIES = [(64, 64, 192, 192), (128, 64, 150, 97), (64, 32, 70, 130), (128, 128, 130, 300), (16, 16, 33, 47),
-              (32, 128, 100, 64)]
+              (32, 128, 100, 64), (48, 32, 90, 70), (80, 64, 130, 150), (96, 16, 40, 50), (112, 64, 64, 129)]
 
 
 def randn(shape, dtype=torch.float32, seed=0):

@@ -95,6 +95,9 @@ def run_subtile_cases():
     for s_q, s_kv, tiles in ((40, 40, (16, 16, 4, 1)), (64, 40, (32, 16, 4, 1)), (33, 70, (16, 32, 4, 1))):
         for layout in ("bhsd", "bshd"):
             _compare(1, 2, s_q, s_kv, 16, 32, 0.6, torch.float32, layout, tiles=tiles)
+    # Head dims that are not powers of two run padded to the next one.
+    for d in (48, 80):
+        _compare(1, 2, 40, 40, d, 16, 0.5, torch.float32, "bshd")
 
 
 def check_empty_query_block():
@@ -152,7 +155,7 @@ def test_bad_input(case, error, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (128, 128), (64, 128)])
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (128, 128), (64, 128), (96, 64)])
 @pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
 def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
     _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")

@@ -38,7 +38,7 @@ FALLBACKS: "collections.Counter[str]" = collections.Counter()
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: What runs block-sparse; anything else runs dense SDPA with its reason recorded.
-SUPPORTED = ("self/joint attention without mask, dropout or causal masking; head dims 16, 32, 64, 128; "
+SUPPORTED = ("self/joint attention without mask, dropout or causal masking; head dims 16 to 128 in steps of 16; "
              "float16, bfloat16, float32; forward only")
 
 
@@ -348,7 +348,7 @@ class AttentionRuntime:
         if q.shape[2] != k.shape[2]:
             return "cross-attention (query and key lengths differ)"
         if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-            return f"head dim {q.shape[-1]} (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+            return f"head dim {q.shape[-1]} (supported: multiples of 16 up to {SUPPORTED_HEAD_DIMS[-1]})"
         if q.dtype not in _SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
             return f"dtype {q.dtype}"
         if q.device.type == "cuda":

@@ -22,7 +22,7 @@ import torch
 
 __all__ = ["block_sparse_attention_triton", "block_scores_triton", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # padded to a power of two inside the kernel
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 _LAYOUTS = ("bhsd", "bshd")
 
@@ -48,7 +48,7 @@ def _kernel(mask_block: int, tuned: bool):
     def block_sparse_fwd(Q, K, V, O, KV_NUM, KV_IDX, qk_scale,
                          sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                          snb, snh, snm, sib, sih, sim, sik,
-                         H, S_Q, S_KV,
+                         H, S_Q, S_KV, D,
                          MASK_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         SPLIT_N: tl.constexpr = MASK_BLOCK // BLOCK_N  # key sub-tiles per listed block
@@ -60,8 +60,10 @@ def _kernel(mask_block: int, tuned: bool):
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         cols0 = tl.arange(0, BLOCK_N)
+        # HEAD_DIM is D rounded up to a power of two; the padding lanes load zeros and add nothing.
+        in_dim = dims < D
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :] * sqd,
-                    mask=rows[:, None] < S_Q, other=0.0)
+                    mask=(rows[:, None] < S_Q) & in_dim[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -73,7 +75,7 @@ def _kernel(mask_block: int, tuned: bool):
             cols = block * MASK_BLOCK + (j % SPLIT_N) * BLOCK_N + cols0
             valid = cols < S_KV
             k = tl.load(K + b * skb + h * skh + cols[None, :] * sks + dims[:, None] * skd,
-                        mask=valid[None, :], other=0.0)
+                        mask=valid[None, :] & in_dim[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, k, input_precision="ieee")
             else:
@@ -87,7 +89,7 @@ def _kernel(mask_block: int, tuned: bool):
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :] * svd,
-                        mask=valid[:, None], other=0.0)
+                        mask=valid[:, None] & in_dim[None, :], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -96,7 +98,7 @@ def _kernel(mask_block: int, tuned: bool):
         # A query block with no key/value block attends to nothing: its output is zero.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=rows[:, None] < S_Q)
+                 out.to(O.dtype.element_ty), mask=(rows[:, None] < S_Q) & in_dim[None, :])
 
     if not tuned:
         return block_sparse_fwd
@@ -188,8 +190,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](q, k, v, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
                  *strides(q), *strides(k), *strides(v), *strides(out),
-                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv,
-                 MASK_BLOCK=block_size, HEAD_DIM=d, IEEE=q.dtype == torch.float32, **fixed)
+                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d,
+                 MASK_BLOCK=block_size, HEAD_DIM=_next_power_of_2(d), IEEE=q.dtype == torch.float32, **fixed)
     return out
 
 

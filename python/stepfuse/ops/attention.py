@@ -22,7 +22,7 @@ import torch
 from .. import _C  # noqa: F401  (registers the ops)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HEAD_DIMS = (16, 32, 64, 128)  # csrc/attention.cpp, kHeadDims
+_HEAD_DIMS = tuple(range(16, 129, 16))  # csrc/attention.cpp: multiples of 16 up to 128
 _BLOCK_SIZES = (16, 32, 64, 128)  # csrc/attention.cpp, kBlockSizes
 _LAYOUTS = ("bhsd", "bshd")
 _ops = torch.ops.stepfuse
@@ -58,7 +58,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
 
     Args:
         q, k, v: ``(B, H, S, D)`` (``layout="bhsd"``) or ``(B, S, H, D)`` (``"bshd"``), float32,
-            float16 or bfloat16 (all alike), ``D`` in 16, 32, 64, 128; any strides.  Query and key
+            float16 or bfloat16 (all alike), ``D`` a multiple of 16 up to 128; any strides.  Query and key
             lengths may differ and need not be multiples of ``block_size``.
         kv_num_blocks: int32 ``(B, H, ceil(S_q / block_size))``: how many blocks each query block sees.
         kv_indices: int32 ``(B, H, ceil(S_q / block_size), max_blocks)``: the first
@@ -116,7 +116,7 @@ def _check_qk(op: str, q, k, v, block_size: int, scale: float, bshd: bool):
         raise ValueError(f"{op}: k must match q in batch, heads and head dim {layout}, got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}")
     if q.shape[3] not in _HEAD_DIMS:
-        raise ValueError(f"{op}: head dim (last axis of q) must be 16, 32, 64 or 128, got {q.shape[3]}")
+        raise ValueError(f"{op}: head dim (last axis of q) must be a multiple of 16 from 16 to 128, got {q.shape[3]}")
     if block_size not in _BLOCK_SIZES:
         raise ValueError(f"{op}: block_size must be 16, 32, 64 or 128, got {block_size}")
     if not math.isfinite(scale):
