@@ -289,10 +289,20 @@ class TileLayout:
         if not -x.dim() <= dim < x.dim() or x.shape[dim] != self.num_tokens + prompt:
             raise ValueError(f"{fn}: x must have {self.num_tokens} video + {prompt} prompt tokens along dim {dim}, "
                              f"got shape {tuple(x.shape)}")
-        start = prompt if prompt_position == "first" else 0
-        index = torch.cat([torch.arange(start), table + start, torch.arange(start + self.num_tokens,
-                                                                              self.num_tokens + prompt)])
-        return x.index_select(dim, index.to(x.device))
+        # The gather index is made once per (direction, prompt, device): a host-to-device copy on
+        # every call would stall a GPU stream.
+        key = (fn, prompt, prompt_position, x.device)
+        index = self._indices.get(key)
+        if index is None:
+            start = prompt if prompt_position == "first" else 0
+            index = torch.cat([torch.arange(start), table + start, torch.arange(start + self.num_tokens,
+                                                                                  self.num_tokens + prompt)])
+            index = self._indices[key] = index.to(x.device)
+        return x.index_select(dim, index)
+
+    @functools.cached_property
+    def _indices(self) -> dict:
+        return {}
 
     def reorder(self, x: torch.Tensor, dim: int = 1, *, prompt_tokens: int = 0,
                 prompt_position: str = "first") -> torch.Tensor:

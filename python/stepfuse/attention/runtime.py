@@ -235,6 +235,7 @@ class AttentionRuntime:
         self.call: Optional[_Call] = None
         self._geometry: Dict[tuple, Tuple[int, int, int]] = {}
         self._static: Dict[tuple, object] = {}  # shape-only masks
+        self._layouts: Dict[tuple, object] = {}  # TileLayouts by (grid, tile)
         self._originals: List[Tuple[torch.nn.Module, object]] = []
         self._forward = None
         self._logged: set = set()
@@ -398,7 +399,9 @@ class AttentionRuntime:
         layout = None
         if cfg.pattern == "sliding_tile":
             tile = cfg.tile or _default_tile(call.grid, block)
-            layout = masks.TileLayout(call.grid, tile)
+            layout = self._layouts.get((call.grid, tile))
+            if layout is None:  # kept: it holds the gather indices on the device
+                layout = self._layouts[(call.grid, tile)] = masks.TileLayout(call.grid, tile)
             q, k, v = (layout.reorder(t, 2, prompt_tokens=prompt, prompt_position=position) for t in (q, k, v))
         if cfg.data_dependent:
             state = self.branches[call.branch]
