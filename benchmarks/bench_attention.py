@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DTYPES, base_parser, device_tag, format_table, kernel_seconds, median_time,  # noqa: E402
+from common import (DTYPES, base_parser, device_tag, format_table, kernel_setup, median_time,  # noqa: E402
                     synchronize, write_results)
 
 import stepfuse.attention as sa  # noqa: E402
@@ -373,11 +373,7 @@ def main() -> None:
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--update", action="store_true", help="keep the parts not run from the results file")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    repeats = args.repeats or (3 if args.quick else (5 if device.type == "cpu" else 20))
-    seconds = kernel_seconds(device, repeats, launches=10)
+    device, _, seconds = kernel_setup(args, launches=10)
 
     payload = {}
     if args.update:  # keep the other parts of an earlier run's results

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, base_parser, format_table, kernel_seconds, write_results  # noqa: E402
+from common import DTYPES, base_parser, format_table, kernel_setup, write_results  # noqa: E402
 
 from stepfuse import ops  # noqa: E402
 from stepfuse.ref import cache as ref  # noqa: E402
@@ -111,11 +111,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (CPU) or rounds (GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    repeats = args.repeats or (3 if args.quick else (5 if device.type == "cpu" else 20))
-    seconds = kernel_seconds(device, repeats, launches=20)
+    device, repeats, seconds = kernel_setup(args, launches=20)
 
     decision_rows, element_rows = [], []
     for shape_name, dtype_name in itertools.product(args.shapes, args.dtypes):

@@ -89,6 +89,16 @@ def kernel_seconds(device: torch.device, repeats: int, launches: int = 20) -> Ca
     return seconds
 
 
+def kernel_setup(args: argparse.Namespace, launches: int):
+    """``(device, repeats, seconds)`` for a kernel benchmark's ``--device``, ``--threads``,
+    ``--repeats`` and ``--quick``: repeats default to 3 (quick), 5 (CPU) or 20 (GPU rounds)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else (5 if device.type == "cpu" else 20))
+    return device, repeats, kernel_seconds(device, repeats, launches=launches)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second)."""
     n = nbytes // 4
