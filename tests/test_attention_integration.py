@@ -108,6 +108,17 @@ def test_sparse_patterns_skip_blocks_and_stay_close(built, name, pattern):
         assert torch.isfinite(a).all() and relative_error(a, b) < 0.5
 
 
+@pytest.mark.parametrize("pattern", ["adaptive", "sliding_tile", "radial", "per_head"])
+def test_prompt_tokens_without_dense_prompt(built, pattern):
+    model, inputs, dense = built("flux")  # 6 prompt tokens before 64 image tokens
+    config = sa.SparseAttention(pattern=pattern, dense_prompt=False, window=(1, 1, 1), **SPARSE)
+    out, stats = _with(model, config, lambda: _run(model, inputs, steps=2))
+    assert stats.sparse == stats.calls > 0 and not stats.fallbacks
+    # radial and per-head patterns leave a single frame whole (see PATTERN_CASES)
+    assert stats.density < 1.0 if pattern in ("adaptive", "sliding_tile") else stats.density == 1.0
+    assert all(torch.isfinite(a).all() for a in out)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_remove_restores_processors_and_forward(built, name):
     model, inputs, dense = built(name)

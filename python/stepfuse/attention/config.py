@@ -56,7 +56,9 @@ class SparseAttention:
         min_blocks: adaptive pattern: at least this many key blocks per query block.
         sinks: key blocks at the start of the (visual) sequence every query keeps (attention sinks).
         dense_prompt: prompt tokens of joint attention (Flux, SD3) attend to every token and every
-            token attends to them.
+            token attends to them.  Off, the adaptive pattern's scores choose prompt blocks like any
+            others; the geometric patterns always keep prompt tokens dense (they have no place on
+            the latent grid).
         tile / window: sliding_tile pattern: tile shape in tokens (t, h, w) (``None``: one block's
             worth, e.g. (4, 4, 4) for 64 tokens of video, (1, 8, 8) for an image) and the window of
             tiles each tile attends to (odd sizes, centred).

@@ -395,7 +395,7 @@ class AttentionRuntime:
 
         cfg, stats = self.config, self.stats
         prompt, position = self._prompt(call, q.shape[2])
-        dense_prompt = dict(prompt_tokens=prompt if cfg.dense_prompt else 0, prompt_position=position)
+        prompt_args = dict(prompt_tokens=prompt, prompt_position=position)
         layout = None
         if cfg.pattern == "sliding_tile":
             tile = cfg.tile or _default_tile(call.grid, block)
@@ -408,7 +408,7 @@ class AttentionRuntime:
             built = state.masks.get(layer)
             if built is None or call.step - built[0] >= cfg.rebuild_every or built[1].q_len != q.shape[2] \
                     or built[1].kv_num_blocks.shape[0] != q.shape[0]:
-                mask = self._build(q, k, call, block, scale, dense_prompt)
+                mask = self._build(q, k, v, call, block, scale, prompt_args)
                 state.masks[layer] = (call.step, mask)
                 stats.masks_built += 1
             mask = state.masks[layer][1]
@@ -416,7 +416,7 @@ class AttentionRuntime:
             key = (cfg.pattern, q.shape[0], q.shape[1], q.shape[2], call.grid, block, prompt, position, q.device)
             mask = self._static.get(key)
             if mask is None:
-                mask = self._static[key] = self._build(q, k, call, block, scale, dense_prompt)
+                mask = self._static[key] = self._build(q, k, v, call, block, scale, prompt_args)
                 stats.masks_built += 1
         out = block_sparse_attention(q, k, v, mask.kv_num_blocks, mask.kv_indices, block_size=block, scale=scale,
                                      layout="bhsd", check_indices=False)  # built here: valid, no host read
@@ -428,26 +428,30 @@ class AttentionRuntime:
             out = layout.restore(out, 2, prompt_tokens=prompt, prompt_position=position)
         return out
 
-    def _build(self, q, k, call: _Call, block: int, scale, dense_prompt: dict):
+    def _build(self, q, k, v, call: _Call, block: int, scale, prompt_args: dict):
         from . import masks
 
         cfg = self.config
         b, h = q.shape[0], q.shape[1]
         if cfg.pattern == "adaptive":
             return masks.adaptive_mask(q, k, block_size=block, top_k=cfg.top_k, mass=cfg.mass,
-                                       min_blocks=cfg.min_blocks, sinks=cfg.sinks, scale=scale, **dense_prompt)
+                                       min_blocks=cfg.min_blocks, sinks=cfg.sinks, scale=scale,
+                                       # without dense_prompt the scores choose prompt blocks like any other
+                                       prompt_tokens=prompt_args["prompt_tokens"] if cfg.dense_prompt else 0,
+                                       prompt_position=prompt_args["prompt_position"])
         if call.grid is None:
             raise ValueError(f"stepfuse.attention: the {cfg.pattern} pattern needs the latent grid of "
                              f"{type(self.model).__name__}, which stepfuse does not know")
         if cfg.pattern == "per_head":
-            mask, _ = masks.profile_head_patterns(q, k, call.grid, num_rows=cfg.profile_rows, block_size=block,
-                                                  sinks=cfg.sinks, **dense_prompt)
+            # Patterns are judged by the attention output they give (Sparse VideoGen), hence v.
+            mask, _ = masks.profile_head_patterns(q, k, call.grid, v=v, num_rows=cfg.profile_rows, block_size=block,
+                                                  sinks=cfg.sinks, scale=scale, **prompt_args)
             return mask
         if cfg.pattern == "sliding_tile":
             mask = masks.sliding_tile_mask(call.grid, cfg.tile or _default_tile(call.grid, block), cfg.window,
-                                           block_size=block, sinks=cfg.sinks, **dense_prompt)
+                                           block_size=block, sinks=cfg.sinks, **prompt_args)
         else:
-            mask = masks.radial_mask(call.grid, block_size=block, decay=cfg.decay, sinks=cfg.sinks, **dense_prompt)
+            mask = masks.radial_mask(call.grid, block_size=block, decay=cfg.decay, sinks=cfg.sinks, **prompt_args)
         return mask.to(q.device).expand(b, h)
 
 
