@@ -14,7 +14,7 @@ import stepfuse.attention as sa
 import stepfuse.cache as sc
 from stepfuse import metrics, models
 from stepfuse.testing.parity import relative_error
-from stepfuse.testing.transformers import drift, tiny_flux, tiny_sd3, tiny_wan
+from stepfuse.testing.transformers import drift, run_steps, tiny_flux, tiny_sd3, tiny_wan
 
 STEPS = 6
 KEEP_ALL = dict(top_k=10 ** 6, dense_steps=0, dense_layers=0, block_size=16)  # every block: equals dense
@@ -47,15 +47,7 @@ LONGER = {"wan-frames": lambda: tiny_wan(head_dim=16, frames=4, side=16)}  # 4 x
 
 
 def _run(model, inputs, steps=STEPS, branch=None):
-    with torch.no_grad():
-        out = []
-        for i in range(steps):
-            if branch is None:
-                out.append(model(**inputs(i)).sample)
-            else:
-                with sc.branch(branch, step=i):
-                    out.append(model(**inputs(i)).sample)
-        return out
+    return run_steps(model, inputs, steps, branch)
 
 
 @pytest.fixture(scope="module")

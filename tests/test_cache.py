@@ -21,7 +21,7 @@ import stepfuse.cache as sc
 from stepfuse import metrics, models
 from stepfuse.testing import pipelines as tiny
 from stepfuse.testing.parity import relative_error
-from stepfuse.testing.transformers import drift, tiny_flux, tiny_sd3, tiny_wan
+from stepfuse.testing.transformers import drift, run_steps, tiny_flux, tiny_sd3, tiny_wan
 
 STEPS = 8  # denoising steps of every run here: enough for warm-up, skips and a forced last step
 LABELS = [1, 7]
@@ -65,15 +65,7 @@ UNETS = {"digits-unet": lambda: _digits("digits-unet"), "sd-unet": _tiny_unet}
 
 
 def _run(model, inputs, steps=STEPS, branch=None):
-    with torch.no_grad():
-        outputs = []
-        for i in range(steps):
-            if branch is None:
-                outputs.append(model(**inputs(i)).sample)
-            else:
-                with sc.branch(branch, step=i):
-                    outputs.append(model(**inputs(i)).sample)
-        return outputs
+    return run_steps(model, inputs, steps, branch)
 
 
 @pytest.fixture(scope="module")

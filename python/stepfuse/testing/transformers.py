@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["drift", "tiny_flux", "tiny_wan", "tiny_sd3"]
+__all__ = ["drift", "run_steps", "tiny_flux", "tiny_wan", "tiny_sd3"]
 
 
 def drift(shape, seed=1):
@@ -18,6 +18,22 @@ def drift(shape, seed=1):
     g = torch.Generator().manual_seed(seed)
     base, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     return lambda i: base + 0.02 * i * noise
+
+
+def run_steps(model, inputs, steps: int, branch=None) -> list:
+    """The model's outputs over ``steps`` calls on ``inputs(i)``, without gradients; with
+    ``branch``, each call is named as that CFG branch at its step (``stepfuse.cache.branch``)."""
+    from ..cache.runtime import branch as named
+
+    outputs = []
+    with torch.no_grad():
+        for i in range(steps):
+            if branch is None:
+                outputs.append(model(**inputs(i)).sample)
+            else:
+                with named(branch, step=i):
+                    outputs.append(model(**inputs(i)).sample)
+    return outputs
 
 
 def _text(batch: int, tokens: int, dim: int, pooled_dim: int = 0):
