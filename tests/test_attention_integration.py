@@ -301,6 +301,15 @@ def test_config_rejects_bad_argument(kwargs, error, name):
         sa.SparseAttention(**kwargs)
 
 
+def test_default_block_size_follows_the_device():
+    # 128-token blocks on a GPU (the Triton kernel's 128-row tiles), 64 on the CPU, smaller when
+    # the sequence would not make min_blocks_per_side blocks; an explicit size always wins.
+    cfg = sa.SparseAttention()
+    assert cfg.pick_block_size(8192) == 64 and cfg.pick_block_size(8192, on_gpu=True) == 128
+    assert cfg.pick_block_size(256, on_gpu=True) == 64 and cfg.pick_block_size(100) == 32
+    assert sa.SparseAttention(block_size=32).pick_block_size(8192, on_gpu=True) == 32
+
+
 def test_apply_rejects_bad_input(built):
     model, _, _ = built("digits-dit")
     with pytest.raises(TypeError, match="model"):

@@ -14,6 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from stepfuse.attention import block_sparse_attention_triton  # noqa: E402
+from stepfuse.attention.triton_kernel import _CONFIGS  # noqa: E402
 from stepfuse.ref import attention as ref  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when it is imported, and the suite may have imported it already:
@@ -54,10 +55,10 @@ def _inputs(b, h, s_q, s_kv, d, dtype, layout, device="cpu", seed=0):
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0, tiles=None):
+def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0, tiles=None, tma=True):
     q, k, v = _inputs(b, h, s_q, s_kv, d, dtype, layout, device, seed)
     num, idx = random_blocks(b, h, -(-s_q // block), -(-s_kv // block), density, seed, device)
-    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles)
+    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles, tma=tma)
     want = ref.block_sparse_attention(q, k, v, num, idx, block, layout=layout)
     assert got.shape == q.shape and got.dtype == q.dtype
     if device == "cuda" and dtype != torch.float32:
@@ -98,6 +99,14 @@ def run_subtile_cases():
     # Head dims that are not powers of two run padded to the next one.
     for d in (48, 80):
         _compare(1, 2, 40, 40, d, 16, 0.5, torch.float32, "bshd")
+    # The kernel folds a negative softmax scale into q's sign (it scales the row max after the
+    # reduction, which needs a positive scale); logits in the hundreds would overflow otherwise.
+    q, k, v = _inputs(1, 2, 48, 48, 16, torch.float32, "bhsd")
+    q = q * 100
+    num, idx = random_blocks(1, 2, 3, 3, 0.7)
+    for scale in (-0.3, 0.0):
+        torch.testing.assert_close(block_sparse_attention_triton(q, k, v, num, idx, block_size=16, scale=scale),
+                                   ref.block_sparse_attention(q, k, v, num, idx, 16, scale=scale), rtol=2e-5, atol=2e-5)
 
 
 def check_empty_query_block():
@@ -155,10 +164,21 @@ def test_bad_input(case, error, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (128, 128), (64, 128), (96, 64)])
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (128, 128), (64, 128), (96, 64), (64, 32)])
 @pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
 def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
     _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tiles", _CONFIGS)
+@pytest.mark.parametrize("s,d", [(1000, 128), (1024, 80)])
+def test_every_configuration_on_cuda(tiles, tma, s, d):
+    # Each autotuner candidate, with descriptor (TMA) and pointer loads, on ragged blocks and on
+    # whole blocks with a padded head dim: the autotuner may pick any of them on another GPU.
+    _compare(1, 3, s, s, d, 128, 0.5, torch.bfloat16, "bshd", device="cuda", tiles=tiles, tma=tma)
 
 
 # --------------------------------------------------------------------------------------------- block scores

@@ -375,7 +375,7 @@ class AttentionRuntime:
         reason = self._unsupported(args, kwargs)
         q, k, v = (kwargs.get(n, a) for n, a in zip(("query", "key", "value"), args + (None,) * 3))
         if reason is None:
-            block = self.config.pick_block_size(q.shape[2])
+            block = self.config.pick_block_size(q.shape[2], on_gpu=q.is_cuda)
             if -(-q.shape[2] // block) < self.config.min_blocks_per_side:
                 reason = f"sequence of {q.shape[2]} tokens is shorter than {self.config.min_blocks_per_side} blocks"
         if reason is not None:

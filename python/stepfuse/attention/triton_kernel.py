@@ -28,11 +28,13 @@ _LAYOUTS = ("bhsd", "bshd")
 
 
 # Autotuned configurations (BLOCK_M, BLOCK_N, num_warps, num_stages): the program's query rows and
-# the key sub-tile walked per step, both dividing the mask's block.  FlashAttention-2's Triton
-# kernels run best with 128 x 64 tiles and 8 warps at head dim 128 on Hopper, 128 x 128 / 4 warps at
-# 64; smaller tiles win at low occupancy (few heads, short sequences).
-_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4),
-            (32, 64, 4, 3))
+# the key sub-tile walked per step, both dividing the mask's block.  Measured on an H100 in bf16
+# (benchmarks/results/h100-80gb-hbm3/bench_attention.txt): 128 x 64 with 4 warps and descriptor
+# loads is fastest at head dim 128 (490-516 TFLOP/s dense, 4k-32k tokens), 64 x 128 at head dim 64;
+# 128 x 128 with 8 warps is close behind, smaller tiles serve 16- and 32-token mask blocks.
+# (Triton 3.6's automatic warp specialisation gained nothing here and fails to compile with 4 warps.)
+_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+            (32, 32, 4, 3), (16, 16, 2, 2))
 
 
 def _interpreting() -> bool:
@@ -50,7 +52,11 @@ def _kernel(mask_block: int, tuned: bool):
                          snb, snh, snm, sib, sih, sim, sik,
                          H, S_Q, S_KV, D,
                          MASK_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+                         EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # EVEN_KV: S_KV is a multiple of MASK_BLOCK, so no key column needs masking; EVEN_D: D is
+        # a power of two (no padded lanes).  TMA: K and V are (B, H, S, D) tensor descriptors whose
+        # block loads go through Hopper's bulk copy engine and read zeros past either end.
         SPLIT_N: tl.constexpr = MASK_BLOCK // BLOCK_N  # key sub-tiles per listed block
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -72,28 +78,48 @@ def _kernel(mask_block: int, tuned: bool):
         # One flat loop over (listed block, sub-tile) so the compiler pipelines the loads across blocks.
         for j in range(0, count * SPLIT_N):
             block = tl.load(index_row + (j // SPLIT_N) * sik)
-            cols = block * MASK_BLOCK + (j % SPLIT_N) * BLOCK_N + cols0
+            start = block * MASK_BLOCK + (j % SPLIT_N) * BLOCK_N
+            cols = start + cols0
             valid = cols < S_KV
-            k = tl.load(K + b * skb + h * skh + cols[None, :] * sks + dims[:, None] * skd,
-                        mask=valid[None, :] & in_dim[:, None], other=0.0)
+            if TMA:
+                k = K.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            elif EVEN_KV and EVEN_D:
+                k = tl.load(K + b * skb + h * skh + cols[None, :] * sks + dims[:, None] * skd)
+            else:
+                k = tl.load(K + b * skb + h * skh + cols[None, :] * sks + dims[:, None] * skd,
+                            mask=valid[None, :] & in_dim[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, k, input_precision="ieee")
             else:
                 s = tl.dot(q, k)
             # base-2 online softmax (qk_scale carries log2(e)): running max, rescaled sums.
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A sub-tile wholly past the sequence's end leaves m at -inf: keep the exponents finite.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
+            if EVEN_KV:
+                # qk_scale > 0 (the host flips q's sign otherwise), so the row max can be scaled
+                # after the reduction and the scaling fused into the exponent's argument.
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                m_safe = m_new
+                s = s * qk_scale - m_safe[:, None]
+            else:
+                s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A sub-tile wholly past the sequence's end leaves m at -inf: keep the exponents finite.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s - m_safe[:, None]
+            p = tl.math.exp2(s)
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :] * svd,
-                        mask=valid[:, None] & in_dim[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if TMA:
+                v = V.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            elif EVEN_KV and EVEN_D:
+                v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :] * svd)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + dims[None, :] * svd,
+                            mask=valid[:, None] & in_dim[None, :], other=0.0)
+            acc = acc * alpha[:, None]  # then accumulated in place by the matrix unit
+            if IEEE:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
             m_i = m_new
         # A query block with no key/value block attends to nothing: its output is zero.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -102,9 +128,34 @@ def _kernel(mask_block: int, tuned: bool):
 
     if not tuned:
         return block_sparse_fwd
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_descriptor_blocks)
                for m, n, w, s in _CONFIGS if m <= mask_block and n <= mask_block]
-    return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H"])(block_sparse_fwd)
+    return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H", "EVEN_KV", "TMA"])(block_sparse_fwd)
+
+
+def _descriptor_blocks(nargs):
+    """Autotuner pre-hook: a TMA descriptor's block is the configuration's key sub-tile."""
+    for name in ("K", "V"):
+        if not isinstance(nargs[name], torch.Tensor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+def _tma_descriptors(k, v, layout, head_dim, block_n):
+    """(B, H, S, D) tensor descriptors over ``k`` and ``v`` when the bulk copy engine can read them
+    (a Hopper or newer GPU, 16-byte aligned base and strides), else None."""
+    if _interpreting() or os.environ.get("STEPFUSE_ATTENTION_TMA", "1") == "0" or not k.is_cuda \
+            or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side descriptors
+        return None
+    views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
+    item = k.element_size()
+    if any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3]) for t in views):
+        return None
+    block = [1, 1, block_n, head_dim]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in views]
 
 
 def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
@@ -148,7 +199,7 @@ def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                                   kv_indices: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
                                   layout: str = "bhsd", check_indices: bool = True,
-                                  tiles: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+                                  tiles: Optional[Tuple[int, int, int, int]] = None, tma: bool = True) -> torch.Tensor:
     """Attention of ``q`` over the key/value blocks listed per query block.
 
     Args:
@@ -161,6 +212,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         tiles: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` to run instead of the autotuned choice
             (tile sizes dividing ``block_size``); under ``TRITON_INTERPRET=1`` the default is
             ``(block_size, block_size, 4, 1)``.
+        tma: read K and V through tensor descriptors (Hopper's bulk copy engine) where the GPU
+            and the strides allow; ``False`` (or ``STEPFUSE_ATTENTION_TMA=0``) keeps pointer loads.
     """
     b, h, d, s_q, s_kv, q_blocks, kv_blocks = _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout)
     if check_indices:
@@ -171,6 +224,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                              f"used kv_indices in [0, {kv_blocks}) for a key sequence of {s_kv} tokens")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    if scale < 0:  # the kernel takes a positive scale: softmax(c q.k) = softmax(|c| (-q).k)
+        q, scale = -q, -scale
     out = torch.empty_like(q)
 
     def strides(t):  # (batch, head, sequence, dim) strides whatever the layout
@@ -186,12 +241,16 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             raise ValueError(f"block_sparse_attention: tiles must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with "
                              f"tile sizes of at least 16 dividing block_size {block_size}, got {tiles!r}")
         fixed = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
+    head_dim = _next_power_of_2(d)
+    descriptors = _tma_descriptors(k, v, layout, head_dim, tiles[1] if tiles else 16) if tma else None
+    kk, vv = descriptors or (k, v)
     kernel = _kernel(block_size, tiles is None)
     grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q, k, v, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
+    kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
                  *strides(q), *strides(k), *strides(v), *strides(out),
                  *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d,
-                 MASK_BLOCK=block_size, HEAD_DIM=_next_power_of_2(d), IEEE=q.dtype == torch.float32, **fixed)
+                 MASK_BLOCK=block_size, HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32,
+                 EVEN_KV=s_kv % block_size == 0, EVEN_D=d == head_dim, TMA=descriptors is not None, **fixed)
     return out
 
 
