@@ -26,6 +26,7 @@ distance (``stepfuse.metrics``), against diffusers' schedulers in the same pipel
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import math
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, format_table, write_results  # noqa: E402
+from common import base_parser, device_tag, format_table, write_results  # noqa: E402
 
 from model_plans import fitted_plans, model_plans  # noqa: E402
 
@@ -72,7 +73,7 @@ def best_baseline(rows, budget: int) -> tuple:
     return best
 
 
-def gmm_plans(rows, batch: int, search: int, progress) -> dict:
+def gmm_plans(rows, batch: int, search: int, evolve: int, progress) -> dict:
     """Plans on the Gaussian mixture, measured like the table (same start states, end = zero)."""
     gmm = default_gmm()
     x0, eps = _start_state(gmm, 512, 1)
@@ -84,7 +85,7 @@ def gmm_plans(rows, batch: int, search: int, progress) -> dict:
     for k in PLAN_BUDGETS:
         entries = []
         for label, solver, plan in fitted_plans(gmm.denoise, calibration, k, SD_SIGMA_MIN, SD_SIGMA_MAX,
-                                                PLAN_SOLVERS, search, progress=progress):
+                                                PLAN_SOLVERS, search, progress=progress, evolve=evolve):
             out = plans.run_plan(gmm.denoise, x.float(), plan, solver).double()
             entries.append({"label": label, "error": float((out - reference).square().mean().sqrt()),
                             "plan": plan.to_dict()})
@@ -112,7 +113,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="trajectories per run")
     parser.add_argument("--no-plans", dest="plans", action="store_false", help="skip the optimised plans")
     parser.add_argument("--search", type=int, default=600, help="schedule-search evaluations per plan")
+    parser.add_argument("--evolve", type=int, default=20000,
+                        help="CMA-ES evaluations per Gaussian-mixture plan (levels + d-ode + shifts); 0 skips it")
     parser.add_argument("--models", nargs="*", default=[], help="bundled models to measure plans on")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="without --models, keep the model plans of the earlier results file")
     args = parser.parse_args()
     device = torch.device(args.device)
     budgets = QUICK_BUDGETS if args.quick else NFE_BUDGETS
@@ -140,16 +145,22 @@ def main() -> None:
 
     extra = {}
     if args.plans and "zero" in tables:
-        extra["gmm_plans"] = gmm_plans(tables["zero"]["rows"], args.batch, args.search,
+        extra["gmm_plans"] = gmm_plans(tables["zero"]["rows"], args.batch, args.search, args.evolve,
                                        lambda line: print("  " + line, file=sys.stderr, flush=True))
         print_plan_summary("Optimised plans on the Gaussian mixture: RMS error vs exact ODE solution (end = zero)",
                            extra["gmm_plans"], "error", "lower")
     if args.models:
-        extra["model_plans"] = {}
-        for name in args.models:
-            extra["model_plans"][name] = result = model_plans(name, args.search // 4, quick=args.quick)
-            for metric, better in (("psnr", "higher"), ("accuracy", "higher"), ("fd", "lower")):
-                print_plan_summary(f"Optimised plans on {name}: {metric}", result[metric], metric, better)
+        extra["model_plans"] = {name: model_plans(name, args.search // 4, quick=args.quick) for name in args.models}
+    elif args.keep_models:
+        earlier = Path(args.out) / device_tag(device) / ("solver_accuracy" + ("_quick" if args.quick else "") + ".json")
+        if earlier.exists():  # JSON made the NFE keys strings
+            extra["model_plans"] = {
+                name: {metric: {part: {int(k): v for k, v in table.items()} for part, table in result.items()}
+                       for metric, result in per_metric.items()}
+                for name, per_metric in json.loads(earlier.read_text()).get("model_plans", {}).items()}
+    for name, result in extra.get("model_plans", {}).items():
+        for metric, better in (("psnr", "higher"), ("accuracy", "higher"), ("fd", "lower")):
+            print_plan_summary(f"Optimised plans on {name}: {metric}", result[metric], metric, better)
 
     payload = {
         "benchmark": "solver_accuracy",

@@ -31,8 +31,10 @@ BUDGETS = (5, 8)
 
 
 def fitted_plans(model, calibration, num_steps: int, sigma_min: float, sigma_max: float, solvers, search: int,
-                 extra_args=None, progress=None) -> list:
-    """``(label, solver, plan)`` for each optimiser (and combination) at ``num_steps`` steps."""
+                 extra_args=None, progress=None, evolve: int = 0) -> list:
+    """``(label, solver, plan)`` for each optimiser (and combination) at ``num_steps`` steps; with
+    ``evolve`` evaluations also a CMA-ES search of levels, D-ODE scales and shifted levels from
+    the joint Nelder-Mead plan."""
     karras = kd.get_sigmas_karras(num_steps, sigma_min, sigma_max).double()
     dp = plans.optimal_schedule(model, calibration, num_steps, sigma_min, sigma_max, teacher_steps=200,
                                 extra_args=extra_args)
@@ -47,9 +49,13 @@ def fitted_plans(model, calibration, num_steps: int, sigma_min: float, sigma_max
             out.append((f"{solver} {label}", solver, plan))
             out.append((f"{solver} {label} + d-ode", solver,
                         plans.distill_scales(model, calibration, plan, solver, extra_args=extra_args)))
-        out.append((f"{solver} joint search (levels + d-ode)", solver,
-                    plans.search_schedule(model, calibration, searched, solver=solver, max_evaluations=5 * search,
-                                          extra_args=extra_args, scales=True)))
+        joint = plans.search_schedule(model, calibration, searched, solver=solver, max_evaluations=5 * search,
+                                      extra_args=extra_args, scales=True)
+        out.append((f"{solver} joint search (levels + d-ode)", solver, joint))
+        if evolve:
+            out.append((f"{solver} cma-es (levels + d-ode + shifts)", solver,
+                        plans.search_schedule(model, calibration, joint, solver=solver, max_evaluations=evolve,
+                                              extra_args=extra_args, scales=True, shifts=True, optimizer="cma-es")))
         out.append((f"{solver} karras + time shift", solver,
                     plans.time_shift(model, calibration, karras, solver=solver, window=0.1, extra_args=extra_args)))
         if progress:

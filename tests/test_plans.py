@@ -280,3 +280,39 @@ def test_joint_search_fits_scales(gmm):
     assert found.metadata["mse_after"] < found.metadata["mse_before"]
     with pytest.raises(TypeError, match="scales"):
         plans.search_schedule(gmm.denoise, calibration, karras, scales=1)
+
+
+def test_cma_es_minimises_a_rotated_ill_conditioned_quadratic():
+    rng = np.random.default_rng(3)
+    rotation, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    hessian = rotation @ np.diag(10.0 ** np.arange(6)) @ rotation.T  # condition number 1e5
+    target = rng.standard_normal(6)
+    f = lambda v: float((v - target) @ hessian @ (v - target))  # noqa: E731
+    found, value, evaluations = plans.cma_es(f, np.zeros(6), 0.5, 6000, seed=0)
+    assert evaluations <= 6000 and value == pytest.approx(f(found))
+    assert value < 1e-8 and np.allclose(found, target, atol=1e-3)
+    # a non-finite objective value ranks last instead of breaking the update
+    bounded = lambda v: math.inf if v[0] > 1.0 else f(v)  # noqa: E731
+    found, value, _ = plans.cma_es(bounded, np.zeros(6), 0.5, 3000, seed=0)
+    assert math.isfinite(value) and found[0] <= 1.0
+
+
+def test_cma_es_search_fits_levels_scales_and_shifts(gmm):
+    calibration = _start(gmm, 128, 1)
+    held_out = _start(gmm, 256, 0)
+    karras = kd.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    nelder = plans.search_schedule(gmm.denoise, calibration, karras, solver="dpmpp_2m", teacher_steps=40,
+                                   max_evaluations=300, scales=True)
+    found = plans.search_schedule(gmm.denoise, calibration, karras, solver="dpmpp_2m", teacher_steps=40,
+                                  max_evaluations=300, scales=True, shifts=True, optimizer="cma-es")
+    assert len(found.scales) == 4 and len(found.shifted_sigmas) == 4 and found.sigmas[-1] == 0.0
+    assert found.metadata["schedule_search"] == "cma-es end-point error with d-ode scales with shifted levels"
+    assert found.metadata["mse_after"] < 0.5 * nelder.metadata["mse_after"]
+    # the fit carries over to noise it was not fitted on, and through JSON
+    again = SamplingPlan.from_json(found.to_json())
+    errors = [_error(gmm, plans.run_plan(gmm.denoise, held_out, p, "dpmpp_2m"), held_out) for p in (nelder, again)]
+    assert errors[1] < errors[0], errors
+    with pytest.raises(ValueError, match="optimizer"):
+        plans.search_schedule(gmm.denoise, calibration, karras, optimizer="bfgs")
+    with pytest.raises(TypeError, match="shifts"):
+        plans.search_schedule(gmm.denoise, calibration, karras, shifts="yes")

@@ -11,9 +11,12 @@ without touching the network:
   Diffusion Models into Smaller Steps", Kim et al. 2024);
 * :func:`time_shift`: shifted start levels that undo the exposure bias of a few-step sampler
   ("Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps",
-  Li et al. 2024), calibrated once on a batch instead of measured every step.
+  Li et al. 2024), calibrated once on a batch instead of measured every step;
+* :func:`search_schedule`: the levels, and optionally the D-ODE scales and the levels each step
+  evaluates the model at (LD3-style), searched jointly for the end point against a fine teacher,
+  by Nelder-Mead or CMA-ES (:func:`cma_es`).
 
-All three work on a k-diffusion denoiser ``model(x, sigma) -> D`` (the analytic
+All of them work on a k-diffusion denoiser ``model(x, sigma) -> D`` (the analytic
 :class:`~stepfuse.testing.gmm.GaussianMixture`'s ``denoise``, a
 :class:`DiscreteVPDenoiser` around a diffusers network, or any k-diffusion model wrapper) and
 return a :class:`SamplingPlan`. A plan is saved as JSON (``plan.save(path)``) and runs in
@@ -39,7 +42,9 @@ from .solvers.plan import SamplingPlan
 
 __all__ = [
     "DiscreteVPDenoiser",
+    "OPTIMIZERS",
     "SamplingPlan",
+    "cma_es",
     "distill_scales",
     "load_plan",
     "optimal_schedule",
@@ -164,9 +169,74 @@ def optimal_schedule(model, x, num_steps: int, sigma_min: float, sigma_max: floa
     )
 
 
+#: Derivative-free optimisers :func:`search_schedule` can use.
+OPTIMIZERS = ("nelder-mead", "cma-es")
+
+
+def cma_es(objective: Callable[[np.ndarray], float], x0, sigma0: float, max_evaluations: int,
+           seed: int = 0) -> tuple:
+    """Minimise ``objective`` from ``x0`` with the covariance matrix adaptation evolution strategy,
+    ``(mu/mu_w, lambda)``-CMA-ES with the default population, weights and learning rates of
+    Hansen, "The CMA Evolution Strategy: A Tutorial" (2016), Sec. 4 / Appendix A.
+
+    ``sigma0`` is the initial step size; a non-finite objective value ranks last.  Returns
+    ``(best x, best value, evaluations)``.  Unlike Nelder-Mead it keeps improving on the 2K - 2
+    to 3K - 1 coupled parameters of a joint plan search, where a simplex stalls.
+    """
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(x0, dtype=np.float64).copy()
+    n = mean.size
+    lam = 4 + int(3 * math.log(n))
+    mu = lam // 2
+    weights = math.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
+    weights /= weights.sum()
+    mueff = 1.0 / float((weights ** 2).sum())
+    cc = (4 + mueff / n) / (n + 4 + 2 * mueff / n)
+    cs = (mueff + 2) / (n + mueff + 5)
+    c1 = 2 / ((n + 1.3) ** 2 + mueff)
+    cmu = min(1 - c1, 2 * (mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
+    damps = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + cs
+    chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))  # E|N(0, I)|
+    pc, ps = np.zeros(n), np.zeros(n)
+    basis, scale, cov = np.eye(n), np.ones(n), np.eye(n)
+    sigma, evaluations, generation = float(sigma0), 0, 0
+    best_x, best_f = mean.copy(), float(objective(mean))
+    evaluations += 1
+    while evaluations + lam <= max_evaluations:
+        z = rng.standard_normal((lam, n))
+        y = (z * scale) @ basis.T  # ~ N(0, C)
+        xs = mean + sigma * y
+        values = np.array([objective(v) for v in xs], dtype=np.float64)
+        evaluations += lam
+        values[~np.isfinite(values)] = np.inf
+        order = np.argsort(values, kind="stable")
+        if values[order[0]] < best_f:
+            best_f, best_x = float(values[order[0]]), xs[order[0]].copy()
+        y_sel = y[order[:mu]]
+        step = weights @ y_sel  # (m_new - m) / sigma
+        mean = mean + sigma * step
+        generation += 1
+        # cumulation paths (eqs. 43-46); C^(-1/2) step = B z-step
+        ps = (1 - cs) * ps + math.sqrt(cs * (2 - cs) * mueff) * (basis @ ((basis.T @ step) / scale))
+        h_sigma = float(np.linalg.norm(ps) / math.sqrt(1 - (1 - cs) ** (2 * generation)) / chi_n
+                        < 1.4 + 2 / (n + 1))
+        pc = (1 - cc) * pc + h_sigma * math.sqrt(cc * (2 - cc) * mueff) * step
+        # rank-one and rank-mu update (eq. 47), step size by path length (eq. 44)
+        cov = ((1 - c1 - cmu) * cov + c1 * (np.outer(pc, pc) + (1 - h_sigma) * cc * (2 - cc) * cov)
+               + cmu * (y_sel.T * weights) @ y_sel)
+        sigma *= math.exp((cs / damps) * (np.linalg.norm(ps) / chi_n - 1))
+        cov = (cov + cov.T) / 2
+        eigvals, basis = np.linalg.eigh(cov)
+        scale = np.sqrt(np.maximum(eigvals, 1e-30))
+        if sigma * scale.max() < 1e-12:  # converged
+            break
+    return best_x, best_f, evaluations
+
+
 @torch.no_grad()
 def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int = 200, max_evaluations: int = 400,
-                    extra_args=None, scales: bool = False) -> SamplingPlan:
+                    extra_args=None, scales: bool = False, shifts: bool = False, optimizer: str = "nelder-mead",
+                    seed: int = 0) -> SamplingPlan:
     """Move ``plan``'s interior noise levels to minimise ``solver``'s end-point error on ``x``.
 
     The DP of :func:`optimal_schedule` scores a first-order step; a multistep solver's error
@@ -178,7 +248,12 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     Samplers for Diffusion Models by Differentiating Through Sample Quality"), derivative-free.
     With ``scales`` the D-ODE scales of steps ``1 .. K-1`` are searched jointly with the levels
     (from ``plan``'s scales, or 0): the end point, not each step's landing, is then what they
-    fit. Each evaluation costs one student run (``K`` model calls on the batch).
+    fit. With ``shifts`` so are the levels every step evaluates the model at (``shifted_sigmas``,
+    as log ratios to the step's level, from ``plan``'s or 0): decoupling where a step starts from
+    where the model is asked, as LD3 (Tong et al. 2025, "Learning to Discretize Denoising
+    Diffusion ODEs") learns them. ``optimizer="cma-es"`` runs :func:`cma_es` (seeded by ``seed``)
+    instead of Nelder-Mead; it is the one that keeps improving on the 3K - 1 joint values. Each
+    evaluation costs one student run (``K`` model calls on the batch).
     """
     from scipy.optimize import minimize
 
@@ -186,8 +261,13 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     run = _sampler(solver, SINGLE_EVALUATION)
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise ValueError(f"max_evaluations must be an int >= 1, got {max_evaluations!r}")
-    if not isinstance(scales, bool):
-        raise TypeError(f"scales must be a bool, got {type(scales).__name__}")
+    for name, flag in (("scales", scales), ("shifts", shifts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if shifts:
+        _sampler(solver, SHIFTING)
     base = _base_plan(plan)
     if base.num_steps < 2:
         return base
@@ -199,12 +279,17 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     floor = 0.5 * min(s for s in base.sigmas if s > 0.0)
     interior = base.num_steps - 1
 
+    n_scales = interior if scales else 0
+
     def plan_of(v):
-        inner = np.exp(np.asarray(v[:interior], dtype=np.float64))
+        v = np.asarray(v, dtype=np.float64)
+        inner = np.exp(v[:interior])
         if inner.min() < floor:
             raise ValueError("level below the floor")
-        fitted = [0.0, *(float(c) for c in v[interior:])] if scales else None
-        return base.replace(sigmas=[first, *inner.tolist(), last], scales=fitted, shifted_sigmas=None)
+        sigmas = [first, *inner.tolist(), last]
+        fitted = [0.0, *v[interior:interior + n_scales].tolist()] if scales else None
+        shifted = (np.asarray(sigmas[:-1]) * np.exp(v[interior + n_scales:])).tolist() if shifts else None
+        return base.replace(sigmas=sigmas, scales=fitted, shifted_sigmas=shifted)
 
     def objective(v) -> float:
         try:
@@ -218,16 +303,25 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
     start = np.log(np.asarray(base.sigmas[1:-1], dtype=np.float64))
     if scales:
         start = np.concatenate([start, np.asarray(base.scales[1:] if base.scales else [0.0] * interior)])
+    if shifts:
+        given = base.shifted_sigmas or base.sigmas[:-1]
+        start = np.concatenate([start, np.log(np.asarray(given) / np.asarray(base.sigmas[:-1]))])
     before = objective(start)
-    # "adaptive" scales the simplex parameters with the dimension (Gao & Han 2012), which the
-    # joint search of 2K - 2 values needs.
-    result = minimize(objective, start, method="Nelder-Mead",
-                      options={"maxfev": max_evaluations, "xatol": 1e-6, "fatol": 1e-16, "adaptive": scales})
-    best = result.x if result.fun < before else start
+    if optimizer == "cma-es":
+        # A step size of 0.05: 5% on the levels and shifts, 0.05 on the scales.
+        found, value, evaluations = cma_es(objective, start, 0.05, max_evaluations, seed)
+    else:
+        # "adaptive" scales the simplex parameters with the dimension (Gao & Han 2012), which the
+        # joint search of 2K - 2 values needs.
+        result = minimize(objective, start, method="Nelder-Mead", options={
+            "maxfev": max_evaluations, "xatol": 1e-6, "fatol": 1e-16, "adaptive": scales or shifts})
+        found, value, evaluations = result.x, float(result.fun), int(result.nfev)
+    best = found if value < before else start
+    searched = "".join(f" with {name}" for name, on in (("d-ode scales", scales), ("shifted levels", shifts)) if on)
     return plan_of(best).replace(solver=solver, metadata={
-        **base.metadata, "schedule_search": "nelder-mead end-point error" + (" with d-ode scales" if scales else ""),
-        "teacher_steps": teacher_steps, "evaluations": int(result.nfev), "mse_before": before,
-        "mse_after": float(min(result.fun, before)), "batch": int(x.shape[0])})
+        **base.metadata, "schedule_search": f"{optimizer} end-point error{searched}",
+        "teacher_steps": teacher_steps, "evaluations": evaluations, "mse_before": before,
+        "mse_after": float(min(value, before)), "batch": int(x.shape[0])})
 
 
 @contextlib.contextmanager
