@@ -287,6 +287,8 @@ def search_schedule(model, x, plan, solver: str = "dpmpp_2m", teacher_steps: int
         if inner.min() < floor:
             raise ValueError("level below the floor")
         sigmas = [first, *inner.tolist(), last]
+        if np.any(np.diff(np.asarray(sigmas, dtype=np.float32)) >= 0):  # the samplers step in float32
+            raise ValueError("levels out of order")
         fitted = [0.0, *v[interior:interior + n_scales].tolist()] if scales else None
         shifted = (np.asarray(sigmas[:-1]) * np.exp(v[interior + n_scales:])).tolist() if shifts else None
         return base.replace(sigmas=sigmas, scales=fitted, shifted_sigmas=shifted)
