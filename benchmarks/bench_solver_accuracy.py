@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="trajectories per run")
     parser.add_argument("--no-plans", dest="plans", action="store_false", help="skip the optimised plans")
     parser.add_argument("--search", type=int, default=600, help="schedule-search evaluations per plan")
-    parser.add_argument("--evolve", type=int, default=20000,
+    parser.add_argument("--evolve", type=int, default=40000,
                         help="CMA-ES evaluations per Gaussian-mixture plan (levels + d-ode + shifts); 0 skips it")
     parser.add_argument("--models", nargs="*", default=[], help="bundled models to measure plans on")
     parser.add_argument("--keep-models", action="store_true",
