@@ -78,6 +78,20 @@ def device_time(fn: Callable[[], None], device: torch.device, launches: int = 50
     return statistics.median(times)
 
 
+def host_time(fn: Callable[[], None], device: torch.device, launches: int = 50) -> float:
+    """Seconds of host time per call of ``fn`` issued back to back without waiting for the device:
+    what one call costs the CPU (argument checks, dispatch, kernel launch).  A device kernel
+    shorter than this leaves the device idle between calls."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(launches):
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed / launches
+
+
 def kernel_seconds(device: torch.device, repeats: int, launches: int = 20) -> Callable[[Callable[[], None]], float]:
     """``seconds(fn)``: per-call device time of ``launches`` back-to-back calls on a GPU (CUDA events),
     the median wall time of single calls on the CPU."""

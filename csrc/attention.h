@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace stepfuse {
 
@@ -49,5 +50,23 @@ at::Tensor block_sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, 
                                       int64_t block_size, double scale, bool bshd);
 at::Tensor attention_block_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t block_size, double scale,
                                       bool bshd);
+
+// Shape-only block masks of one self-attention sequence: video tokens (natural (t, h, w) order
+// for the frame bands, TileLayout order for the tiles) with prompt_tokens before them (or after,
+// prompt_last) whose rows and columns stay dense, plus the first `sinks` blocks' worth of video
+// keys.  Returns (kv_num_blocks (Qb,), kv_indices (Qb, widest row)), int32, on the CPU
+// (csrc/attention_masks.cpp).
+//
+// frame_band_block_mask: a query token keeps a key token d frames away whose in-frame position
+// lies closer than band[d] (radial attention's decaying window, Sparse VideoGen's spatial and
+// temporal heads).
+std::tuple<at::Tensor, at::Tensor> frame_band_block_mask(int64_t frames, int64_t frame_tokens, at::IntArrayRef band,
+                                                         int64_t block_size, int64_t prompt_tokens, bool prompt_last,
+                                                         int64_t sinks);
+// sliding_tile_block_mask: query tile c keeps the key tiles of a window[a]-tile box around it
+// along every axis, shifted inside the grid at the borders (Sliding Tile Attention).
+std::tuple<at::Tensor, at::Tensor> sliding_tile_block_mask(at::IntArrayRef grid, at::IntArrayRef tile,
+                                                           at::IntArrayRef window, int64_t block_size,
+                                                           int64_t prompt_tokens, bool prompt_last, int64_t sinks);
 
 }  // namespace stepfuse

@@ -37,6 +37,19 @@ TORCH_LIBRARY(stepfuse, m) {
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
       "float scale, bool bshd) -> Tensor");
   m.def("attention_block_scores(Tensor q, Tensor k, int block_size, float scale, bool bshd) -> Tensor");
+  // Shape-only video masks built on the host from the geometry alone (no tensor inputs).
+  m.def(
+      "frame_band_block_mask(int frames, int frame_tokens, int[] band, int block_size, int prompt_tokens, "
+      "bool prompt_last, int sinks) -> (Tensor, Tensor)");
+  m.def(
+      "sliding_tile_block_mask(int[] grid, int[] tile, int[] window, int block_size, int prompt_tokens, "
+      "bool prompt_last, int sinks) -> (Tensor, Tensor)");
+}
+
+// Ops without tensor inputs have no backend to dispatch on.
+TORCH_LIBRARY_IMPL(stepfuse, CompositeExplicitAutograd, m) {
+  m.impl("frame_band_block_mask", &stepfuse::frame_band_block_mask);
+  m.impl("sliding_tile_block_mask", &stepfuse::sliding_tile_block_mask);
 }
 
 TORCH_LIBRARY_IMPL(stepfuse, CPU, m) {

@@ -340,73 +340,22 @@ def _forced(q_spans, k_spans, block_size: int, sinks: int) -> torch.Tensor:
     return q_spans[3][:, None] | cols[None, :]
 
 
-def _range_any(allowed: torch.Tensor, q_lo, q_hi, k_lo, k_hi) -> torch.Tensor:
-    """(Qb, Kb): whether ``allowed[a, b]`` holds for some ``a`` in ``[q_lo, q_hi]`` and ``b`` in
-    ``[k_lo, k_hi]`` (inclusive ranges, per block), from prefix sums along each axis.  Host tensors."""
-    if torch.equal(q_lo, q_hi) and torch.equal(k_lo, k_hi):  # every block inside one tile or segment
-        return allowed[q_lo][:, k_lo]
-    rows = torch.nn.functional.pad(allowed.cumsum(0, dtype=torch.int32), (0, 0, 1, 0))
-    rows = (rows[q_hi + 1] - rows[q_lo]) > 0
-    cols = torch.nn.functional.pad(rows.cumsum(1, dtype=torch.int32), (1, 0))
-    return (cols[:, k_hi + 1] - cols[:, k_lo]) > 0
-
-
-def _frame_segments(spans, frame_tokens: int, block_size: int):
-    """Blocks in (t, h, w) order cut at frame boundaries: every piece's frame and first/last
-    in-frame position (int32, block by block), and the range of pieces of each block."""
-    g0, g1, video, _ = spans
-    offsets = torch.arange((block_size - 1) // frame_tokens + 2)
-    frame = g0[:, None] // frame_tokens + offsets
-    valid = video[:, None] & (frame <= (g1 // frame_tokens)[:, None])
-    p0 = (g0[:, None] - frame * frame_tokens).clamp(min=0)
-    p1 = (g1[:, None] - frame * frame_tokens).clamp(max=frame_tokens - 1)
-    count = valid.sum(1)
-    first = count.cumsum(0) - count
-    return frame[valid].int(), p0[valid].int(), p1[valid].int(), first, first + count - 1
-
-
-def _frame_rule_blocks(spans, frame_tokens: int, block_size: int, rule) -> torch.Tensor:
-    """(Nb, Nb) video block pairs (natural order) holding a token pair that ``rule(d, gap)`` keeps:
-    ``d`` the frame distance, ``gap`` the smallest in-frame position distance (negative when the
-    position ranges overlap; ``rule`` must treat it as 0).  Host tensors."""
-    frame, p0, p1, lo, hi = _frame_segments(spans, frame_tokens, block_size)
-    d = (frame[:, None] - frame[None, :]).abs_()
-    gap = torch.maximum(p0[None, :] - p1[:, None], p0[:, None] - p1[None, :])
-    return _range_any(rule(d, gap), lo, hi, lo, hi)
-
-
-def _geometry_mask(video_blocks: torch.Tensor, spans, block_size: int, total: int, sinks: int) -> BlockMask:
-    keep = (video_blocks & spans[2][:, None] & spans[2][None, :]) | _forced(spans, spans, block_size, sinks)
-    return BlockMask.from_dense_blocks(keep[None, None], block_size, total, total)
+def _geometry_mask(blocks, block_size: int, total: int, device) -> BlockMask:
+    """The (1, 1, Qb, ...) mask of a shape-only builder's (kv_num_blocks, kv_indices) rows."""
+    num, idx = blocks
+    return BlockMask(num[None, None], idx[None, None], block_size, total, total).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sliding Tile Attention
 
 
-def _window_1d(n: int, w: int) -> torch.Tensor:
-    """(n, n): tile ``j`` lies in the ``w``-tile window of tile ``i`` along one axis.  The window
-    starts ``w // 2`` tiles before ``i`` (centred for odd ``w``) and is shifted back inside the
-    grid at the borders, so every query tile sees ``min(w, n)`` tiles (STA, Sec. 3)."""
-    c = torch.arange(n)
-    start = (c - w // 2).clamp(0, max(n - w, 0))
-    return (c[None, :] >= start[:, None]) & (c[None, :] < start[:, None] + w)
-
-
 @functools.lru_cache(maxsize=64)
 def _sliding_tile(grid, tile, window, block_size, prompt, prompt_position, sinks, device):
-    layout = TileLayout(grid, tile)
-    nt, nh, nw = layout.tiles
-    a_t, a_h, a_w = (_window_1d(n, w) for n, w in zip(layout.tiles, window))
-    tiles = (a_t[:, None, None, :, None, None] & a_h[None, :, None, None, :, None]
-             & a_w[None, None, :, None, None, :]).reshape(nt * nh * nw, nt * nh * nw)
-    total = layout.num_tokens + prompt
-    spans = _spans(block_size, total, prompt, prompt_position)
-    last = layout.num_tokens - 1
-    # tile ids are non-decreasing along the tile order, so a block holds the tiles lo..hi
-    lo = layout.tile_of_position[spans[0].clamp(0, last)]
-    hi = layout.tile_of_position[spans[1].clamp(0, last)]
-    return _geometry_mask(_range_any(tiles, lo, hi, lo, hi), spans, block_size, total, sinks).to(device)
+    from ..ops.attention import sliding_tile_block_mask
+
+    blocks = sliding_tile_block_mask(grid, tile, window, block_size, prompt, prompt_position == "last", sinks)
+    return _geometry_mask(blocks, block_size, math.prod(grid) + prompt, device)
 
 
 def sliding_tile_mask(grid: Sequence[int], tile: Sequence[int], window: Sequence[int], *,
@@ -437,16 +386,15 @@ sliding_tile_mask.cache_clear, sliding_tile_mask.cache_info = _sliding_tile.cach
 
 @functools.lru_cache(maxsize=64)
 def _radial(grid, block_size, decay, prompt, prompt_position, sinks, device):
+    from ..ops.attention import frame_band_block_mask
+
     frames, frame_tokens = grid[0], grid[1] * grid[2]
     # half-width of the spatial band at frame distance d: decay * s / 2^floor(log2(d + 1)), at
-    # least one token (the spatially aligned pair), in float64 on the host; for integer gaps
-    # gap < half  <=>  gap < ceil(half)
-    half = torch.tensor([math.ceil(max(decay * frame_tokens / 2 ** ((d + 1).bit_length() - 1), 1.0))
-                         for d in range(frames)], dtype=torch.int32)
-    total = frames * frame_tokens + prompt
-    spans = _spans(block_size, total, prompt, prompt_position)
-    video = _frame_rule_blocks(spans, frame_tokens, block_size, lambda d, gap: gap < half[d])
-    return _geometry_mask(video, spans, block_size, total, sinks).to(device)
+    # least one token (the spatially aligned pair), in float64 on the host; for integer
+    # distances, distance < half  <=>  distance < ceil(half)
+    band = [math.ceil(max(decay * frame_tokens / 2 ** ((d + 1).bit_length() - 1), 1.0)) for d in range(frames)]
+    blocks = frame_band_block_mask(frames, frame_tokens, band, block_size, prompt, prompt_position == "last", sinks)
+    return _geometry_mask(blocks, block_size, frames * frame_tokens + prompt, device)
 
 
 def radial_mask(grid: Sequence[int], *, block_size: int = 64, decay: float = 1.0, prompt_tokens: int = 0,
@@ -541,11 +489,14 @@ def profile_head_patterns(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int],
         raise ValueError(f"{fn}: q and k must hold {n_video} video + {prompt} prompt tokens, got {q.shape[2]} and "
                          f"{k.shape[2]}")
 
-    spans = _spans(block_size, total, prompt, prompt_position)
+    from ..ops.attention import frame_band_block_mask
+
+    spatial = [frame_tokens if d <= spatial_frames else 0 for d in range(grid[0])]  # whole frames nearby
+    temporal = [temporal_width] * grid[0]  # positions within temporal_width, every frame
     patterns = torch.stack([
-        _geometry_mask(_frame_rule_blocks(spans, frame_tokens, block_size, rule), spans, block_size, total,
-                       sinks).to_dense_blocks()[0, 0]
-        for rule in (lambda d, gap: d <= spatial_frames, lambda d, gap: gap < temporal_width)]).to(q.device)
+        _geometry_mask(frame_band_block_mask(grid[0], frame_tokens, band, block_size, prompt,
+                                             prompt_position == "last", sinks), block_size, total, "cpu")
+        .to_dense_blocks()[0, 0] for band in (spatial, temporal)]).to(q.device)
 
     v0 = prompt if prompt_position == "first" else 0
     rows = torch.linspace(0, n_video - 1, min(num_rows, n_video), dtype=torch.float64).round().long() + v0

@@ -130,7 +130,8 @@ def _kernel(mask_block: int, tuned: bool):
         return block_sparse_fwd
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_descriptor_blocks)
                for m, n, w, s in _CONFIGS if m <= mask_block and n <= mask_block]
-    return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H", "EVEN_KV", "TMA"])(block_sparse_fwd)
+    # Tuned per query length too: the best tile at 4k tokens (few programs per SM) is not the one at 32k.
+    return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H", "S_Q", "EVEN_KV", "TMA"])(block_sparse_fwd)
 
 
 def _descriptor_blocks(nargs):
@@ -140,11 +141,16 @@ def _descriptor_blocks(nargs):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _tma_descriptors(k, v, layout, head_dim, block_n):
     """(B, H, S, D) tensor descriptors over ``k`` and ``v`` when the bulk copy engine can read them
     (a Hopper or newer GPU, 16-byte aligned base and strides), else None."""
     if _interpreting() or os.environ.get("STEPFUSE_ATTENTION_TMA", "1") == "0" or not k.is_cuda \
-            or torch.cuda.get_device_capability(k.device)[0] < 9:
+            or _capability(k.device.index)[0] < 9:
         return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -95,6 +95,26 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, scale: 
     return _ops.attention_block_scores.default(q, k, block_size, scale, bshd)
 
 
+def frame_band_block_mask(frames: int, frame_tokens: int, band, block_size: int, prompt_tokens: int = 0,
+                          prompt_last: bool = False, sinks: int = 0):
+    """``(kv_num_blocks (Qb,), kv_indices (Qb, widest row))`` int32 on the CPU: video tokens in
+    natural ``(t, h, w)`` order, a query token keeping the key tokens ``d`` frames away whose
+    in-frame position is closer than ``band[d]`` (one int per frame distance); prompt rows and
+    columns dense, the first ``sinks`` blocks' worth of video keys kept
+    (stepfuse.ref.attention.frame_band_block_mask)."""
+    return _ops.frame_band_block_mask.default(frames, frame_tokens, [int(w) for w in band], block_size,
+                                              prompt_tokens, bool(prompt_last), sinks)
+
+
+def sliding_tile_block_mask(grid, tile, window, block_size: int, prompt_tokens: int = 0, prompt_last: bool = False,
+                            sinks: int = 0):
+    """Sliding Tile Attention's ``(kv_num_blocks, kv_indices)`` for tokens in
+    :class:`stepfuse.attention.TileLayout` order, as :func:`frame_band_block_mask` returns them
+    (stepfuse.ref.attention.sliding_tile_block_mask)."""
+    return _ops.sliding_tile_block_mask.default(list(grid), list(tile), list(window), block_size, prompt_tokens,
+                                                bool(prompt_last), sinks)
+
+
 # -- fakes: the checks of csrc/attention.cpp that shapes, dtypes and devices allow ----------------
 def _check_qk(op: str, q, k, v, block_size: int, scale: float, bshd: bool):
     layout = "(B, S, H, D) for bshd" if bshd else "(B, H, S, D) for bhsd"
@@ -149,3 +169,25 @@ def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_size,
 def _attention_block_scores_fake(q, k, block_size, scale, bshd):
     b, h, q_blocks, kv_blocks = _check_qk("attention_block_scores", q, k, None, block_size, scale, bshd)
     return q.new_empty((b, h, q_blocks, kv_blocks), dtype=torch.float32)
+
+
+def _geometry_fake(op: str, tokens: int, block_size: int, prompt_tokens: int):
+    if block_size < 1 or prompt_tokens < 0 or tokens < 1:
+        raise ValueError(f"{op}: block_size, prompt_tokens and the grid must be positive, got {block_size}, "
+                         f"{prompt_tokens} and {tokens} tokens")
+    blocks = -(-(tokens + prompt_tokens) // block_size)
+    width = torch.library.get_ctx().new_dynamic_size(min=1, max=blocks)  # the widest row: data-dependent
+    return torch.empty(blocks, dtype=torch.int32), torch.empty(blocks, width, dtype=torch.int32)
+
+
+@torch.library.register_fake("stepfuse::frame_band_block_mask")
+def _frame_band_block_mask_fake(frames, frame_tokens, band, block_size, prompt_tokens, prompt_last, sinks):
+    if len(band) != frames:
+        raise ValueError(f"frame_band_block_mask: band must hold one width per frame distance ({frames}), got "
+                         f"{len(band)}")
+    return _geometry_fake("frame_band_block_mask", frames * frame_tokens, block_size, prompt_tokens)
+
+
+@torch.library.register_fake("stepfuse::sliding_tile_block_mask")
+def _sliding_tile_block_mask_fake(grid, tile, window, block_size, prompt_tokens, prompt_last, sinks):
+    return _geometry_fake("sliding_tile_block_mask", math.prod(grid), block_size, prompt_tokens)
