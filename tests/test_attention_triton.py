@@ -160,6 +160,47 @@ def test_bad_input(case, error, match):
                                       layout=case.get("layout", "bhsd"), tiles=case.get("tiles"))
 
 
+class _FakeAutotuner:
+    """Stands in for the autotuned kernel: records how each call was launched."""
+
+    def __init__(self):
+        self.launches, self.best_config = [], None
+        outer = self
+
+        class Jit:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: outer.launches.append(("direct", kwargs))
+
+        self.fn = Jit()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(("autotuner", kwargs))
+            self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+        return launch
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs fixed tiles")
+def test_tuned_configuration_is_launched_directly(monkeypatch):
+    from stepfuse.attention import triton_kernel
+
+    fake = _FakeAutotuner()
+    monkeypatch.setattr(triton_kernel, "_kernel", lambda block, tuned: fake)
+    monkeypatch.setattr(triton_kernel, "_TUNED", {})
+    num, idx = random_blocks(1, 2, 2, 2, 1.0)
+    for s_q in (64, 64, 48, 64, 48):
+        q, k, v = _inputs(1, 2, s_q, 64, 32, torch.float16, "bhsd")
+        block_sparse_attention_triton(q, k, v, num, idx, block_size=32, check_indices=False)
+    # the autotuner sees each new key once; later calls launch its choice with the same constants
+    assert [how for how, _ in fake.launches] == ["autotuner", "direct", "autotuner", "direct", "direct"]
+    direct = fake.launches[1][1]
+    assert {k: direct[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} == \
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    assert {k: v for k, v in direct.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+                                                           "num_ctas")} == fake.launches[0][1]
+
+
 def compile_for_hopper(tiles, tma: bool, even: bool, d: int = 128, dtype: str = "bf16"):
     """The kernel compiled ahead of time for sm_90 (PTX and ptxas' cubin), no GPU needed, with the
     specialisation Triton gives contiguous inputs at run time: unit strides as constants, pointers
@@ -207,6 +248,19 @@ def test_every_configuration_compiles_for_hopper(tiles, tma, even):
 @pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
 def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
     _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_direct_launch_matches_autotuned_call_on_cuda(layout):
+    # the first call autotunes, the next ones launch the chosen tiles directly: same output
+    q, k, v = _inputs(1, 4, 1536, 1536, 128, torch.bfloat16, layout, "cuda", seed=3)
+    num, idx = random_blocks(1, 4, 12, 12, 0.4, seed=3, device="cuda")
+    first = block_sparse_attention_triton(q, k, v, num, idx, block_size=128, layout=layout)
+    for _ in range(2):
+        assert torch.equal(block_sparse_attention_triton(q, k, v, num, idx, block_size=128, layout=layout), first)
+    _compare(1, 4, 1536, 1536, 128, 128, 0.4, torch.bfloat16, layout, device="cuda", seed=3)
 
 
 @pytest.mark.cuda

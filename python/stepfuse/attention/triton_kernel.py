@@ -37,7 +37,9 @@ _CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)
             (32, 32, 4, 3), (16, 16, 2, 2))
 
 
+@functools.lru_cache(maxsize=None)
 def _interpreting() -> bool:
+    # read once, as Triton does: the kernels are built for one mode per process
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -134,6 +136,11 @@ def _kernel(mask_block: int, tuned: bool):
     return triton.autotune(configs, key=["HEAD_DIM", "IEEE", "H", "S_Q", "EVEN_KV", "TMA"])(block_sparse_fwd)
 
 
+#: The autotuner's choice per (block size, padded head dim, fp32, heads, query length, whole key
+#: blocks, dtype, descriptor loads): launched directly once known.
+_TUNED: dict = {}
+
+
 def _descriptor_blocks(nargs):
     """Autotuner pre-hook: a TMA descriptor's block is the configuration's key sub-tile."""
     for name in ("K", "V"):
@@ -146,22 +153,32 @@ def _capability(index: Optional[int]) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tma_descriptors(k, v, layout, head_dim, block_n):
-    """(B, H, S, D) tensor descriptors over ``k`` and ``v`` when the bulk copy engine can read them
-    (a Hopper or newer GPU, 16-byte aligned base and strides), else None."""
-    if _interpreting() or os.environ.get("STEPFUSE_ATTENTION_TMA", "1") == "0" or not k.is_cuda \
+def _tma_usable(k, v, layout) -> bool:
+    """Whether K and V can be read through tensor descriptors: a Hopper or newer GPU, a Triton
+    with host-side descriptors, 16-byte aligned base and strides, not turned off by
+    ``STEPFUSE_ATTENTION_TMA=0``."""
+    if not k.is_cuda or _interpreting() or os.environ.get("STEPFUSE_ATTENTION_TMA", "1") == "0" \
             or _capability(k.device.index)[0] < 9:
-        return None
+        return False
     try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:  # a Triton without host-side descriptors
-        return None
-    views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
+        return False
     item = k.element_size()
-    if any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3]) for t in views):
-        return None
+    return not any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3])
+                   for t in _bhsd_views(k, v, layout))
+
+
+def _bhsd_views(k, v, layout):
+    return [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
+
+
+def _tma_descriptors(k, v, layout, head_dim, block_n):
+    """(B, H, S, D) tensor descriptors over ``k`` and ``v`` (where :func:`_tma_usable`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     block = [1, 1, block_n, head_dim]
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in views]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in _bhsd_views(k, v, layout)]
 
 
 def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
@@ -248,15 +265,30 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                              f"tile sizes of at least 16 dividing block_size {block_size}, got {tiles!r}")
         fixed = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
     head_dim = _next_power_of_2(d)
-    descriptors = _tma_descriptors(k, v, layout, head_dim, tiles[1] if tiles else 16) if tma else None
-    kk, vv = descriptors or (k, v)
+    use_tma = tma and _tma_usable(k, v, layout)
+    constants = dict(MASK_BLOCK=block_size, HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32,
+                     EVEN_KV=s_kv % block_size == 0, EVEN_D=d == head_dim, TMA=use_tma)
     kernel = _kernel(block_size, tiles is None)
+    tuned_key = None
+    if tiles is None:
+        # The autotuner benchmarks the candidates on the first call with a new key; after that,
+        # launching the chosen configuration directly skips its per-call argument bookkeeping,
+        # which costs tens of microseconds of host time (Triton builds its key by scanning every
+        # argument), as much as a sparse kernel at 4k tokens takes on the GPU.
+        tuned_key = (block_size, head_dim, constants["IEEE"], h, s_q, constants["EVEN_KV"], q.dtype, use_tma)
+        config = _TUNED.get(tuned_key)
+        if config is not None:
+            fixed = config.all_kwargs()
+            kernel.best_config = config  # as the autotuner reports its choice
+            kernel = kernel.fn
+    # (under the autotuner, its pre-hook sets the descriptors' block to each candidate's BLOCK_N)
+    kk, vv = _tma_descriptors(k, v, layout, head_dim, fixed.get("BLOCK_N", 16)) if use_tma else (k, v)
     grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
                  *strides(q), *strides(k), *strides(v), *strides(out),
-                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d,
-                 MASK_BLOCK=block_size, HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32,
-                 EVEN_KV=s_kv % block_size == 0, EVEN_D=d == head_dim, TMA=descriptors is not None, **fixed)
+                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d, **constants, **fixed)
+    if tuned_key is not None and tuned_key not in _TUNED:
+        _TUNED[tuned_key] = kernel.best_config
     return out
 
 
