@@ -198,6 +198,27 @@ def test_compile_fullgraph():
         torch.testing.assert_close(got, expected)
 
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("name", list(opcheck_cases()))
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
+def test_opcheck_on_cuda(name, device):
+    # the Triton kernels registered as the ops' CUDA kernels: strides and values as the fakes say
+    op, args = opcheck_cases()[name]
+    torch.library.opcheck(op.default, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("aot_eager", marks=CUDA), pytest.param("inductor", marks=CUDA)])
+def test_compile_fullgraph_on_cuda(backend):
+    # traced, the CUDA path is the op with its fake (no graph break), with the mask checked on the device
+    q, k, v = (t.cuda() for t in qkv(1, 2, 70, 60, 32, seed=15))
+    counts, indices = (t.cuda() for t in random_mask(1, 2, blocks(70, 32), blocks(60, 32), seed=16))
+    compiled = torch.compile(sparse_layer, fullgraph=True, backend=backend)
+    for got, expected in zip(compiled(q, k, v, counts, indices), sparse_layer(q, k, v, counts, indices)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def _bad_cases():
     q, k, v = qkv(1, 2, 40, 50, 16, seed=17)

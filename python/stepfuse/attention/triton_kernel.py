@@ -222,7 +222,8 @@ def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                                   kv_indices: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
                                   layout: str = "bhsd", check_indices: bool = True,
-                                  tiles: Optional[Tuple[int, int, int, int]] = None, tma: bool = True) -> torch.Tensor:
+                                  tiles: Optional[Tuple[int, int, int, int]] = None, tma: bool = True,
+                                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of ``q`` over the key/value blocks listed per query block.
 
     Args:
@@ -237,6 +238,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             ``(block_size, block_size, 4, 1)``.
         tma: read K and V through tensor descriptors (Hopper's bulk copy engine) where the GPU
             and the strides allow; ``False`` (or ``STEPFUSE_ATTENTION_TMA=0``) keeps pointer loads.
+        out: where to write the result (``q``'s shape, dtype and device, any strides); by default
+            a new tensor laid out like ``q``.
     """
     b, h, d, s_q, s_kv, q_blocks, kv_blocks = _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout)
     if check_indices:
@@ -247,9 +250,14 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                              f"used kv_indices in [0, {kv_blocks}) for a key sequence of {s_kv} tokens")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    if out is None:
+        out = torch.empty_like(q)
+    elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"block_sparse_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on "
+                         f"{q.device}, got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
     if scale < 0:  # the kernel takes a positive scale: softmax(c q.k) = softmax(|c| (-q).k)
         q, scale = -q, -scale
-    out = torch.empty_like(q)
 
     def strides(t):  # (batch, head, sequence, dim) strides whatever the layout
         s = t.stride()

@@ -74,11 +74,26 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     op = "block_sparse_attention"
     block_size, scale, bshd = _host_args(op, block_size, scale, layout, _head_dim(q))
     if isinstance(q, torch.Tensor) and q.is_cuda:
+        if torch.compiler.is_compiling():
+            # Traced: the op, opaque to the compiler with its fake (no graph break, and capturable in
+            # a CUDA graph); the mask check, if asked for, stays on the device.
+            if check_indices:
+                _assert_mask_in_range(kv_num_blocks, kv_indices, -(-k.shape[1 if bshd else 2] // block_size))
+            return _ops.block_sparse_attention.default(q, k, v, kv_num_blocks, kv_indices, block_size, scale, bshd)
+        # Eager: the Triton launch itself, without the dispatcher's round trip.
         from ..attention.triton_kernel import block_sparse_attention_triton
 
         return block_sparse_attention_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, layout,
                                              check_indices=bool(check_indices))
     return _ops.block_sparse_attention.default(q, k, v, kv_num_blocks, kv_indices, block_size, scale, bshd)
+
+
+def _assert_mask_in_range(kv_num_blocks, kv_indices, kv_blocks: int) -> None:
+    """Counts within [0, max_blocks] and used indices within [0, kv_blocks), asserted on the device."""
+    used = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks[..., None]
+    counts_ok = ((kv_num_blocks >= 0) & (kv_num_blocks <= kv_indices.shape[-1])).all()
+    torch._assert_async(counts_ok & (~used | ((kv_indices >= 0) & (kv_indices < kv_blocks))).all(),
+                        "block_sparse_attention: kv_num_blocks or kv_indices out of range")
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
@@ -88,7 +103,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, scale: 
     (stepfuse.ref.attention.block_scores).  Arguments as :func:`block_sparse_attention`'s."""
     op = "attention_block_scores"
     block_size, scale, bshd = _host_args(op, block_size, scale, layout, _head_dim(q))
-    if isinstance(q, torch.Tensor) and q.is_cuda:
+    if isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
         from ..attention.triton_kernel import block_scores_triton
 
         return block_scores_triton(q, k, block_size, scale, layout)
@@ -113,6 +128,24 @@ def sliding_tile_block_mask(grid, tile, window, block_size: int, prompt_tokens: 
     (stepfuse.ref.attention.sliding_tile_block_mask)."""
     return _ops.sliding_tile_block_mask.default(list(grid), list(tile), list(window), block_size, prompt_tokens,
                                                 bool(prompt_last), sinks)
+
+
+# -- CUDA kernels of the ops: the Triton kernels, for calls through the dispatcher (traced graphs) --
+@torch.library.register_kernel("stepfuse::block_sparse_attention", "cuda")
+def _block_sparse_attention_cuda(q, k, v, kv_num_blocks, kv_indices, block_size, scale, bshd):
+    from ..attention.triton_kernel import block_sparse_attention_triton
+
+    # contiguous in the layout, as the CPU kernel and the fake return it
+    return block_sparse_attention_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale,
+                                         "bshd" if bshd else "bhsd", check_indices=False,
+                                         out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+@torch.library.register_kernel("stepfuse::attention_block_scores", "cuda")
+def _attention_block_scores_cuda(q, k, block_size, scale, bshd):
+    from ..attention.triton_kernel import block_scores_triton
+
+    return block_scores_triton(q, k, block_size, scale, "bshd" if bshd else "bhsd")
 
 
 # -- fakes: the checks of csrc/attention.cpp that shapes, dtypes and devices allow ----------------
