@@ -181,6 +181,14 @@ def _tma_descriptors(k, v, layout, head_dim, block_n):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in _bhsd_views(k, v, layout)]
 
 
+def mask_values_valid(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_blocks: int) -> torch.Tensor:
+    """A bool scalar on the mask's device: every count lies in ``[0, max_blocks]`` and every used
+    index in ``[0, kv_blocks)`` (what the kernel needs to stay in bounds)."""
+    used = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks[..., None].long()
+    counts = ((kv_num_blocks >= 0) & (kv_num_blocks <= kv_indices.shape[-1])).all()
+    return counts & (~used | ((kv_indices >= 0) & (kv_indices < kv_blocks))).all()
+
+
 def _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout):
     op = "block_sparse_attention"
     if layout not in _LAYOUTS:
@@ -242,12 +250,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             a new tensor laid out like ``q``.
     """
     b, h, d, s_q, s_kv, q_blocks, kv_blocks = _check(q, k, v, kv_num_blocks, kv_indices, block_size, layout)
-    if check_indices:
-        used = torch.arange(kv_indices.shape[-1], device=q.device) < kv_num_blocks[..., None].long()
-        if bool(((kv_num_blocks < 0) | (kv_num_blocks > kv_indices.shape[-1])).any()) or \
-                bool((used & ((kv_indices < 0) | (kv_indices >= kv_blocks))).any()):
-            raise ValueError(f"block_sparse_attention: kv_num_blocks must lie in [0, {kv_indices.shape[-1]}] and the "
-                             f"used kv_indices in [0, {kv_blocks}) for a key sequence of {s_kv} tokens")
+    if check_indices and not bool(mask_values_valid(kv_num_blocks, kv_indices, kv_blocks)):
+        raise ValueError(f"block_sparse_attention: kv_num_blocks must lie in [0, {kv_indices.shape[-1]}] and the "
+                         f"used kv_indices in [0, {kv_blocks}) for a key sequence of {s_kv} tokens")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if out is None:

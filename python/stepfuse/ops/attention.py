@@ -78,7 +78,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
             # Traced: the op, opaque to the compiler with its fake (no graph break, and capturable in
             # a CUDA graph); the mask check, if asked for, stays on the device.
             if check_indices:
-                _assert_mask_in_range(kv_num_blocks, kv_indices, -(-k.shape[1 if bshd else 2] // block_size))
+                from ..attention.triton_kernel import mask_values_valid
+
+                kv_blocks = -(-k.shape[1 if bshd else 2] // block_size)
+                torch._assert_async(mask_values_valid(kv_num_blocks, kv_indices, kv_blocks),
+                                    "block_sparse_attention: kv_num_blocks or kv_indices out of range")
             return _ops.block_sparse_attention.default(q, k, v, kv_num_blocks, kv_indices, block_size, scale, bshd)
         # Eager: the Triton launch itself, without the dispatcher's round trip.
         from ..attention.triton_kernel import block_sparse_attention_triton
@@ -86,14 +90,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         return block_sparse_attention_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, layout,
                                              check_indices=bool(check_indices))
     return _ops.block_sparse_attention.default(q, k, v, kv_num_blocks, kv_indices, block_size, scale, bshd)
-
-
-def _assert_mask_in_range(kv_num_blocks, kv_indices, kv_blocks: int) -> None:
-    """Counts within [0, max_blocks] and used indices within [0, kv_blocks), asserted on the device."""
-    used = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks[..., None]
-    counts_ok = ((kv_num_blocks >= 0) & (kv_num_blocks <= kv_indices.shape[-1])).all()
-    torch._assert_async(counts_ok & (~used | ((kv_indices >= 0) & (kv_indices < kv_blocks))).all(),
-                        "block_sparse_attention: kv_num_blocks or kv_indices out of range")
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, scale: Optional[float] = None,
