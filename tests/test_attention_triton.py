@@ -118,6 +118,46 @@ def check_empty_query_block():
     torch.testing.assert_close(out, ref.block_sparse_attention(q, k, v, num, idx, 16), rtol=2e-5, atol=2e-5)
 
 
+def select_reference(scores, forced_rows, forced_cols, diagonal, **rule):
+    from stepfuse.attention.masks import _select
+
+    keep = _select(scores, rule.get("top_k"), rule.get("mass"), rule.get("min_blocks", 1))
+    keep = keep | forced_rows[:, None].to(keep.device) | forced_cols[None, :].to(keep.device)
+    if diagonal:
+        keep |= torch.eye(scores.shape[-2], dtype=torch.bool, device=keep.device)
+    return keep
+
+
+SELECT_CASES = [  # (b, h, query blocks, key blocks, rule, diagonal)
+    (1, 2, 5, 7, dict(mass=0.8), False),
+    (2, 1, 9, 9, dict(top_k=3), True),
+    (1, 1, 4, 33, dict(mass=0.5, min_blocks=3), False),
+    (1, 3, 17, 17, dict(mass=1.0), True),   # everything
+    (1, 1, 6, 1, dict(top_k=4), False),     # one key block
+    (2, 2, 3, 40, dict(top_k=50, min_blocks=2), False),  # budget above the row
+]
+
+
+def run_select_cases(device="cpu"):
+    from stepfuse.attention.masks import BlockMask
+    from stepfuse.attention.triton_kernel import block_select_triton
+
+    g = torch.Generator().manual_seed(0)
+    for b, h, qb, kb, rule, diagonal in SELECT_CASES:
+        scores = torch.softmax(2 * torch.randn(b, h, qb, kb, generator=g), -1).to(device)
+        forced_rows = torch.zeros(qb, dtype=torch.bool)
+        forced_rows[qb // 2] = True
+        forced_cols = torch.zeros(kb, dtype=torch.bool)
+        forced_cols[-1] = True
+        num, idx = block_select_triton(scores, forced_rows.to(device), forced_cols.to(device), diagonal=diagonal,
+                                       **rule)
+        got = BlockMask(num, idx, 16, qb * 16, kb * 16).to_dense_blocks()
+        want = select_reference(scores, forced_rows, forced_cols, diagonal, **rule)
+        assert torch.equal(got, want), (rule, diagonal)
+        used = torch.arange(kb, device=device) < num[..., None]
+        assert bool(((idx[..., 1:] > idx[..., :-1]) | ~used[..., 1:]).all()), "indices not ascending"
+
+
 @NEEDS_INTERPRETER
 def test_interpreted_kernel_matches_reference():
     # both layouts, fp32/fp16, lengths that are and are not multiples of the block, 30-100% density
@@ -127,6 +167,13 @@ def test_interpreted_kernel_matches_reference():
 @NEEDS_INTERPRETER
 def test_interpreted_subtiles_match_reference():
     _interpreted("run_subtile_cases()")
+
+
+@NEEDS_INTERPRETER
+def test_interpreted_block_selection_matches_reference():
+    # the fused adaptive-mask selection: top-k or cumulative mass with a minimum, forced rows,
+    # columns and diagonal, widths that are not powers of two
+    _interpreted("run_select_cases()")
 
 
 @NEEDS_INTERPRETER
@@ -248,6 +295,32 @@ def test_every_configuration_compiles_for_hopper(tiles, tma, even):
 @pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.25), (777, 1290, 0.5), (512, 512, 1.0)])
 def test_kernel_on_cuda(layout, dtype, d, block, s_q, s_kv, density):
     _compare(2, 3, s_q, s_kv, d, block, density, dtype, layout, device="cuda")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+@pytest.mark.parametrize("by_mass", [True, False])
+@pytest.mark.parametrize("rows,cols", [(8, 256), (1, 4096)])
+def test_block_selection_compiles_for_hopper(by_mass, rows, cols):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stepfuse.attention.triton_kernel import _select_kernel
+
+    fn = _select_kernel()
+    signature = {name: "i32" for name in fn.arg_names}
+    signature.update(SCORES="*fp32", FORCED_ROW="*i8", FORCED_COL="*i8", NUM="*i32", IDX="*i32", mass="fp32")
+    constants = dict(DIAG=True, BY_MASS=by_mass, ROWS=rows, COLS=cols)
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_block_selection_on_cuda():
+    run_select_cases("cuda")
 
 
 @pytest.mark.cuda

@@ -333,11 +333,17 @@ def _spans(block_size: int, total: int, prompt: int, prompt_position: str, devic
     return g0, g1, video > 0, end - start > video
 
 
+def _forced_rows_cols(q_spans, k_spans, block_size: int, sinks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The query blocks kept whole (those holding prompt tokens) and the key blocks every query
+    block keeps (prompt and sink blocks), bool (Qb,) and (Kb,)."""
+    k_g0, _, k_video, k_prompt = k_spans
+    return q_spans[3], k_prompt | (k_video & (k_g0 < sinks * block_size))
+
+
 def _forced(q_spans, k_spans, block_size: int, sinks: int) -> torch.Tensor:
     """(Qb, Kb) blocks every pattern keeps: prompt rows and columns, and the sink key blocks."""
-    k_g0, _, k_video, k_prompt = k_spans
-    cols = k_prompt | (k_video & (k_g0 < sinks * block_size))
-    return q_spans[3][:, None] | cols[None, :]
+    rows, cols = _forced_rows_cols(q_spans, k_spans, block_size, sinks)
+    return rows[:, None] | cols[None, :]
 
 
 def _geometry_mask(blocks, block_size: int, total: int, device) -> BlockMask:
@@ -528,6 +534,19 @@ def _scores(q, k, block_size, scale, layout):
     return block_scores(q, k, block_size, scale, layout)
 
 
+def _select(scores: torch.Tensor, top_k: Optional[int], mass: Optional[float], min_blocks: int) -> torch.Tensor:
+    """bool (B, H, Qb, Kb): the key blocks the adaptive rule keeps per query block (before the
+    forced ones); what the fused GPU selection (triton_kernel.block_select_triton) computes."""
+    kv_blocks = scores.shape[-1]
+    if top_k is not None:
+        keep_n = min(max(top_k, min_blocks), kv_blocks)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep_n, -1).indices, True)
+    ranked, order = scores.sort(-1, descending=True)
+    before = ranked.cumsum(-1) - ranked  # mass of the higher-ranked blocks
+    rank = torch.arange(kv_blocks, device=scores.device)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, (before < mass) | (rank < min_blocks))
+
+
 def adaptive_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, top_k: Optional[int] = None,
                   mass: Optional[float] = None, min_blocks: int = 1, sinks: int = 0, prompt_tokens: int = 0,
                   prompt_position: str = "first", layout: str = "bhsd", scale: Optional[float] = None) -> BlockMask:
@@ -543,8 +562,9 @@ def adaptive_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, top
     at least ``min_blocks`` of them, plus the diagonal block when ``q_len == kv_len``, the sink
     key blocks and the prompt rows and columns.
 
-    Everything stays on the device; the ``mass`` rule reads the widest row count once to size
-    ``kv_indices`` (``top_k`` knows its width in advance and reads nothing).
+    Everything stays on the device.  On a GPU one kernel ranks, selects and writes the indices,
+    reading nothing back (``kv_indices`` is as wide as the key blocks); elsewhere the ``mass``
+    rule reads the widest row count once to size ``kv_indices``.
     """
     fn = "adaptive_mask"
     q_bhsd, k_bhsd = _check_qk(fn, q, k, layout)
@@ -564,19 +584,20 @@ def adaptive_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, top
     scores = _scores(q, k, block_size, scale, layout)
     q_blocks, kv_blocks = scores.shape[-2:]
     # geometric part on the host (no device data involved), then copied over
-    forced = _forced(_spans(block_size, q_len, prompt, prompt_position),
-                     _spans(block_size, kv_len, prompt, prompt_position), block_size, sinks)
+    forced_rows, forced_cols = _forced_rows_cols(_spans(block_size, q_len, prompt, prompt_position),
+                                                 _spans(block_size, kv_len, prompt, prompt_position), block_size, sinks)
+    if scores.is_cuda:
+        from .triton_kernel import SELECT_MAX_BLOCKS, block_select_triton
+
+        if kv_blocks <= SELECT_MAX_BLOCKS:  # one kernel, no host read
+            num, idx = block_select_triton(scores, forced_rows.to(scores.device), forced_cols.to(scores.device),
+                                           top_k=top_k, mass=mass, min_blocks=min_blocks, diagonal=q_len == kv_len)
+            return BlockMask(num, idx, block_size, q_len, kv_len)
+    forced = forced_rows[:, None] | forced_cols[None, :]
     if q_len == kv_len:
         forced |= torch.eye(q_blocks, dtype=torch.bool)
+    keep = _select(scores, top_k, mass, min_blocks) | forced.to(scores.device)
     width = None
     if top_k is not None:
-        keep_n = min(max(top_k, min_blocks), kv_blocks)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep_n, -1).indices, True)
-        width = min(kv_blocks, keep_n + int(forced.sum(-1).max()))
-    else:
-        ranked, order = scores.sort(-1, descending=True)
-        before = ranked.cumsum(-1) - ranked  # mass of the higher-ranked blocks
-        rank = torch.arange(kv_blocks, device=scores.device)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, (before < mass) | (rank < min_blocks))
-    keep |= forced.to(scores.device)
+        width = min(kv_blocks, min(max(top_k, min_blocks), kv_blocks) + int(forced.sum(-1).max()))
     return BlockMask.from_dense_blocks(keep, block_size, q_len, kv_len, max_blocks=width)

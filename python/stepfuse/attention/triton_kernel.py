@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["block_sparse_attention_triton", "block_scores_triton", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["block_sparse_attention_triton", "block_scores_triton", "block_select_triton", "SUPPORTED_HEAD_DIMS",
+           "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # padded to a power of two inside the kernel
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
@@ -400,6 +401,77 @@ def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, 
         *means, scores, float(1.0 / math.sqrt(d) if scale is None else scale), s_kv, q_blocks, kv_blocks, block_size,
         ROWS=rows, COLS=min(128, max(16, _next_power_of_2(kv_blocks))), HEAD_DIM=head_dim)
     return scores
+
+
+@functools.lru_cache(maxsize=None)
+def _select_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_select(SCORES, FORCED_ROW, FORCED_COL, NUM, IDX, QB, KB, mass, keep_top, min_blocks,
+                     DIAG: tl.constexpr, BY_MASS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        # ROWS query blocks of one (batch, head): rank the key blocks by score with one sort per row
+        # (keys: the score's bits, which order as the non-negative floats do, above the reversed
+        # column, so ties go to the lower index), find the last kept rank, keep every block whose key
+        # reaches it, add the forced blocks, and write the kept indices ascending.
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, COLS)
+        valid = (rows[:, None] < QB) & (cols[None, :] < KB)
+        offsets = (bh * QB + rows[:, None]) * KB + cols[None, :]
+        score = tl.load(SCORES + offsets, mask=valid, other=-1.0)  # padding ranks last
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (COLS - 1 - cols[None, :]).to(tl.int64)
+        ranked = tl.sort(key, dim=1, descending=True)
+        rank = tl.arange(0, COLS)[None, :]
+        if BY_MASS:
+            value = (ranked >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            before = tl.cumsum(value, 1) - value  # mass of the higher-ranked blocks
+            kept = ((before < mass) | (rank < min_blocks)) & (rank < KB)
+            last = tl.sum(kept.to(tl.int32), 1) - 1
+        else:
+            last = tl.full([ROWS], keep_top - 1, tl.int32)
+        threshold = tl.sum(tl.where(rank == last[:, None], ranked, 0), 1)  # the key of the last kept rank
+        keep = (key >= threshold[:, None]) & valid
+        forced_col = tl.load(FORCED_COL + cols, mask=cols < KB, other=0) != 0
+        forced_row = tl.load(FORCED_ROW + rows, mask=rows < QB, other=0) != 0
+        keep = keep | ((forced_col[None, :] | forced_row[:, None]) & valid)
+        if DIAG:
+            keep = keep | ((rows[:, None] == cols[None, :]) & valid)
+        slot = tl.cumsum(keep.to(tl.int32), 1) - 1
+        tl.store(IDX + (bh * QB + rows[:, None]) * KB + slot, (cols[None, :] + 0 * rows[:, None]).to(tl.int32),
+                 mask=keep)
+        tl.store(NUM + bh * QB + rows, tl.sum(keep.to(tl.int32), 1), mask=rows < QB)
+
+    return block_select
+
+
+#: Widest key-block row the fused selection sorts in one program.
+SELECT_MAX_BLOCKS = 4096
+
+
+def block_select_triton(scores: torch.Tensor, forced_rows: torch.Tensor, forced_cols: torch.Tensor, *,
+                        top_k: Optional[int] = None, mass: Optional[float] = None, min_blocks: int = 1,
+                        diagonal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive rule of :func:`stepfuse.attention.adaptive_mask` over float32 ``(B, H, Qb, Kb)``
+    block scores in one kernel, with nothing read back to the host: per query block the ``top_k``
+    best key blocks (at least ``min_blocks``) or the fewest whose mass reaches ``mass`` (at least
+    ``min_blocks``), plus the key blocks ``forced_cols`` (bool ``Kb``) marks, whole rows where
+    ``forced_rows`` (bool ``Qb``) is set, and the diagonal.  Returns int32 ``kv_num_blocks``
+    ``(B, H, Qb)`` and ``kv_indices`` ``(B, H, Qb, Kb)`` (ascending, unused entries zero)."""
+    b, h, q_blocks, kv_blocks = scores.shape
+    if kv_blocks > SELECT_MAX_BLOCKS:
+        raise ValueError(f"block_select: at most {SELECT_MAX_BLOCKS} key blocks, got {kv_blocks}")
+    num = torch.empty(b, h, q_blocks, dtype=torch.int32, device=scores.device)
+    idx = torch.zeros(b, h, q_blocks, kv_blocks, dtype=torch.int32, device=scores.device)
+    cols = _next_power_of_2(kv_blocks)
+    rows = max(1, min(16, 2048 // cols, _next_power_of_2(q_blocks)))
+    keep_top = min(max(top_k or 0, min_blocks), kv_blocks)
+    _select_kernel()[(-(-q_blocks // rows), b * h)](
+        scores.contiguous(), forced_rows.to(torch.int8), forced_cols.to(torch.int8), num, idx, q_blocks, kv_blocks,
+        float(mass if mass is not None else 1.0), keep_top, min_blocks, DIAG=bool(diagonal), BY_MASS=mass is not None,
+        ROWS=rows, COLS=cols)
+    return num, idx
 
 
 def _next_power_of_2(n: int) -> int:
