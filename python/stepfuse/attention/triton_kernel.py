@@ -154,32 +154,30 @@ def _capability(index: Optional[int]) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tma_usable(k, v, layout) -> bool:
-    """Whether K and V can be read through tensor descriptors: a Hopper or newer GPU, a Triton
-    with host-side descriptors, 16-byte aligned base and strides, not turned off by
-    ``STEPFUSE_ATTENTION_TMA=0``."""
+def _tma_views(k, v, layout):
+    """``k`` and ``v`` as (B, H, S, D) views when the bulk copy engine can read them through tensor
+    descriptors (a Hopper or newer GPU, a Triton with host-side descriptors, 16-byte aligned base
+    and strides, not turned off by ``STEPFUSE_ATTENTION_TMA=0``), else None."""
     if not k.is_cuda or _interpreting() or os.environ.get("STEPFUSE_ATTENTION_TMA", "1") == "0" \
             or _capability(k.device.index)[0] < 9:
-        return False
+        return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:  # a Triton without host-side descriptors
-        return False
+        return None
+    views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
     item = k.element_size()
-    return not any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3])
-                   for t in _bhsd_views(k, v, layout))
+    if any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3]) for t in views):
+        return None
+    return views
 
 
-def _bhsd_views(k, v, layout):
-    return [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
-
-
-def _tma_descriptors(k, v, layout, head_dim, block_n):
-    """(B, H, S, D) tensor descriptors over ``k`` and ``v`` (where :func:`_tma_usable`)."""
+def _tma_descriptors(views, head_dim, block_n):
+    """(B, H, S, D) tensor descriptors over the views :func:`_tma_views` gave."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block = [1, 1, block_n, head_dim]
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in _bhsd_views(k, v, layout)]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in views]
 
 
 def mask_values_valid(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_blocks: int) -> torch.Tensor:
@@ -279,7 +277,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                              f"tile sizes of at least 16 dividing block_size {block_size}, got {tiles!r}")
         fixed = dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
     head_dim = _next_power_of_2(d)
-    use_tma = tma and _tma_usable(k, v, layout)
+    tma_views = _tma_views(k, v, layout) if tma else None
+    use_tma = tma_views is not None
     constants = dict(MASK_BLOCK=block_size, HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32,
                      EVEN_KV=s_kv % block_size == 0, EVEN_D=d == head_dim, TMA=use_tma)
     kernel = _kernel(block_size, tiles is None)
@@ -296,7 +295,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             kernel.best_config = config  # as the autotuner reports its choice
             kernel = kernel.fn
     # (under the autotuner, its pre-hook sets the descriptors' block to each candidate's BLOCK_N)
-    kk, vv = _tma_descriptors(k, v, layout, head_dim, fixed.get("BLOCK_N", 16)) if use_tma else (k, v)
+    kk, vv = _tma_descriptors(tma_views, head_dim, fixed.get("BLOCK_N", 16)) if use_tma else (k, v)
     grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
                  *strides(q), *strides(k), *strides(v), *strides(out),
@@ -439,7 +438,7 @@ def _select_kernel():
         if DIAG:
             keep = keep | ((rows[:, None] == cols[None, :]) & valid)
         slot = tl.cumsum(keep.to(tl.int32), 1) - 1
-        tl.store(IDX + (bh * QB + rows[:, None]) * KB + slot, (cols[None, :] + 0 * rows[:, None]).to(tl.int32),
+        tl.store(IDX + (bh * QB + rows[:, None]) * KB + slot, tl.broadcast_to(cols[None, :], [ROWS, COLS]),
                  mask=keep)
         tl.store(NUM + bh * QB + rows, tl.sum(keep.to(tl.int32), 1), mask=rows < QB)
 
