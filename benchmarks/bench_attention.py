@@ -2,7 +2,8 @@
 
 1. Kernels: ``stepfuse.ops.block_sparse_attention`` (C++ on the CPU, Triton on a GPU) at block
    densities 100/50/25/20/10% against dense ``scaled_dot_product_attention`` under every SDPA
-   backend this machine has, and (GPU) FlexAttention compiled with the same block mask.  Random
+   backend this machine has, and (GPU) FlexAttention compiled with the same block mask; on a
+   Hopper GPU also the opt-in Gluon kernel at its fastest configuration.  Random
    block masks keep the same number of key blocks in every row (the diagonal included).
    TFLOP/s count the work done: ``4 B H S^2 D`` times the density for the sparse rows.
 2. Mask building: stepfuse's builders against FlexAttention's ``create_block_mask`` given the same
@@ -87,6 +88,26 @@ def flex_runner(q, k, v, num, idx, block):
     return lambda: compiled(q, k, v, block_mask=mask)
 
 
+def gluon_row(q, k, v, num, idx, best, best_name, flops, seconds) -> dict:
+    """Columns for the Gluon kernel (``stepfuse.attention.gluon_kernel``, Hopper, opt-in in the
+    library) at its fastest configuration for this case, where it applies."""
+    if torch.cuda.get_device_capability(q.device)[0] != 9 or q.shape[-1] not in (64, 128):
+        return {}
+    try:
+        from stepfuse.attention import gluon_kernel
+        from stepfuse.attention.triton_kernel import _fastest
+    except ImportError:
+        return {}
+    out = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5 * math.log2(math.e)
+    runs = {c: (lambda c=c: gluon_kernel.launch(q, k, v, out, num, idx, scale, BLOCK, c))
+            for c in gluon_kernel.CONFIGS if c[0] <= BLOCK and c[1] <= BLOCK}
+    config = _fastest(runs)
+    t = seconds(runs[config])
+    return {"gluon ms": round(t * 1e3, 3), "gluon TF/s": round(flops / t / 1e12, 3),
+            "gluon vs best sdpa": f"{best / t:.2f}x ({best_name})", "gluon tiles": str(config)}
+
+
 def bench_kernels(args, device, seconds) -> list:
     rows = []
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
@@ -135,6 +156,7 @@ def bench_kernels(args, device, seconds) -> list:
                         rec["vs flex"] = f"{tf / t:.2f}x"
                     except Exception as e:  # noqa: BLE001 - FlexAttention's compile may fail on a machine
                         rec["vs flex"] = f"n/a ({type(e).__name__})"
+                    rec.update(gluon_row(q, k, v, num, idx, best, best_name, flops * actual, seconds))
                 rows.append(rec)
                 print(rec, flush=True)
     return rows

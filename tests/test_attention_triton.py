@@ -55,10 +55,19 @@ def _inputs(b, h, s_q, s_kv, d, dtype, layout, device="cpu", seed=0):
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0, tiles=None, tma=True):
+def _compare(b, h, s_q, s_kv, d, block, density, dtype, layout, device="cpu", seed=0, tiles=None, tma=True,
+             attention=None, empty_rows=False):
+    """``attention(q, k, v, num, idx, block, layout)`` (the Triton kernel with ``tiles`` and ``tma`` by
+    default) against the reference on random inputs and a random mask (with some query blocks
+    listing no key block when ``empty_rows``)."""
     q, k, v = _inputs(b, h, s_q, s_kv, d, dtype, layout, device, seed)
     num, idx = random_blocks(b, h, -(-s_q // block), -(-s_kv // block), density, seed, device)
-    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles, tma=tma)
+    if empty_rows:
+        num[..., ::3] = 0
+    if attention is None:
+        got = block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles, tma=tma)
+    else:
+        got = attention(q, k, v, num, idx, block, layout)
     want = ref.block_sparse_attention(q, k, v, num, idx, block, layout=layout)
     assert got.shape == q.shape and got.dtype == q.dtype
     if device == "cuda" and dtype != torch.float32:
@@ -345,6 +354,181 @@ def test_every_configuration_on_cuda(tiles, tma, s, d):
     # Each autotuner candidate, with descriptor (TMA) and pointer loads, on ragged blocks and on
     # whole blocks with a padded head dim: the autotuner may pick any of them on another GPU.
     _compare(1, 3, s, s, d, 128, 0.5, torch.bfloat16, "bshd", device="cuda", tiles=tiles, tma=tma)
+
+
+# ------------------------------------------------------------------------------------ Gluon kernel (Hopper)
+
+
+def _gluon():
+    try:
+        from stepfuse.attention import gluon_kernel
+    except ImportError:  # a Triton without Gluon's Hopper language
+        pytest.skip("this Triton has no Gluon for Hopper")
+    return gluon_kernel
+
+
+def _gluon_configs():
+    try:
+        from stepfuse.attention.gluon_kernel import CONFIGS
+    except ImportError:
+        return []
+    return list(CONFIGS)
+
+
+def compile_gluon_for_hopper(config, d=128, even=True, dtype="bf16", mask_block=128):
+    """The Gluon kernel compiled ahead of time for sm_90, with the specialisation contiguous inputs
+    get at run time (unit index strides as constants, the other integers divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon import language as gl
+
+    fn = _gluon().block_sparse_fwd
+    block_m, block_n, warps, stages = config
+    names = fn.arg_names
+    element = gl.bfloat16 if dtype == "bf16" else gl.float16
+
+    def descriptor(rows):
+        block = [1, 1, rows, d]
+        layout = gl.NVMMASharedLayout.get_default_for(block, element)
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+    signature = {name: "i32" for name in names}
+    signature.update(q_desc=descriptor(block_m), k_desc=descriptor(block_n), v_desc=descriptor(block_n),
+                     O=f"*{dtype}", KV_NUM="*i32", KV_IDX="*i32", qk_scale="fp32")
+    constants = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=even, BLOCK_M=block_m, BLOCK_N=block_n,
+                     STAGES=stages, snm=1, sik=1)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = [n for n in names if n not in constants and n not in ("q_desc", "k_desc", "v_desc", "qk_scale")]
+    source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+@pytest.mark.parametrize("d,even", [(128, True), (128, False), (64, True)])
+@pytest.mark.parametrize("config", _gluon_configs())
+def test_gluon_configuration_compiles_for_hopper(config, d, even):
+    # Each Gluon candidate down to an sm_90 binary: the tile copies go through the bulk copy engine,
+    # and the scores of one tile are awaited while the previous tile's product is still in flight
+    # (a wait leaving one warpgroup MMA group outstanding), in shared memory an H100 block has.
+    compiled = compile_gluon_for_hopper(config, d, even)
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert compiled.metadata.shared <= 227 * 1024
+
+
+class _FakeGluon:
+    """Stands in for :mod:`stepfuse.attention.gluon_kernel`: records launches, writes a marker."""
+    CONFIGS = ((128, 64, 4, 2), (64, 64, 4, 2))
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, q, k, v, out, num, idx, qk_scale, block, config):
+        self.launches.append(config)
+        out.fill_(7.0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs fixed tiles")
+def test_gluon_dispatch(monkeypatch):
+    # Where it is enabled and the call suits it, the Gluon kernel runs only if it was measured
+    # faster than the Triton kernel for the key, measured once per key; elsewhere the Triton kernel runs.
+    import stepfuse.attention
+    from stepfuse.attention import triton_kernel
+
+    fake, timed = _FakeGluon(), []
+    monkeypatch.setitem(sys.modules, "stepfuse.attention.gluon_kernel", fake)
+    monkeypatch.setattr(stepfuse.attention, "gluon_kernel", fake, raising=False)
+    monkeypatch.setattr(triton_kernel, "_GLUON_TUNED", {})
+    monkeypatch.setattr(triton_kernel, "_TUNED", {})
+    monkeypatch.setattr(triton_kernel, "_tma_views", lambda k, v, layout: [t if layout == "bhsd" else t.transpose(1, 2)
+                                                                            for t in (k, v)])
+    monkeypatch.setattr(triton_kernel, "_capability", lambda index: (9, 0))
+    triton_calls = []
+    monkeypatch.setattr(triton_kernel, "_kernel", lambda block, tuned: _Recorder(triton_calls))
+
+    def fastest(candidates):
+        timed.append(sorted(map(str, candidates)))
+        return (64, 64, 4, 2) if len(timed) == 1 else "triton"
+
+    monkeypatch.setattr(triton_kernel, "_fastest", fastest)
+
+    def call(d=64, dtype=torch.float16, block=64, s=128, layout="bshd", tiles=None):
+        q, k, v = _inputs(1, 2, s, s, d, dtype, layout)
+        num, idx = random_blocks(1, 2, -(-s // block), -(-s // block), 1.0)
+        return block_sparse_attention_triton(q, k, v, num, idx, block_size=block, layout=layout, tiles=tiles,
+                                             check_indices=False)
+
+    call()
+    assert not fake.launches and len(triton_calls) == 1  # not enabled
+    monkeypatch.setenv("STEPFUSE_ATTENTION_GLUON", "1")
+    assert torch.all(call() == 7) and torch.all(call() == 7)  # tuned once, then the choice is kept
+    assert timed == [["(64, 64, 4, 2)", "triton"]]  # 128-row tiles do not divide blocks of 64
+    assert fake.launches == [(64, 64, 4, 2)] * 2
+    call(s=256)  # a new key, where the Triton kernel measured faster
+    assert fake.launches == [(64, 64, 4, 2)] * 2 and len(triton_calls) == 2
+    for case in (dict(d=96), dict(dtype=torch.float32), dict(block=32), dict(tiles=(64, 64, 4, 2))):
+        call(**case)  # head dim, dtype, block size or fixed tiles the Gluon kernel does not take
+    assert len(timed) == 2 and len(fake.launches) == 2 and len(triton_calls) == 6
+    monkeypatch.setattr(triton_kernel, "_capability", lambda index: (10, 0))
+    call(s=384)  # not a Hopper GPU
+    assert len(timed) == 2 and len(triton_calls) == 7
+
+
+class _Recorder:
+    """Stands in for the Triton kernel: ``kernel[grid](...)`` records the call."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+        self.fn = self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+def _gluon_attention(config):
+    def run(q, k, v, num, idx, block, layout):
+        gluon_kernel = _gluon()
+        views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v)]
+        out = torch.empty_like(q)
+        gluon_kernel.launch(*views, out if layout == "bhsd" else out.transpose(1, 2), num, idx,
+                            q.shape[-1] ** -0.5 * 1.4426950408889634, block, config)
+        return out
+
+    return run
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("s_q,s_kv,density", [(1000, 1000, 0.3), (777, 1290, 0.6), (1024, 1024, 1.0)])
+@pytest.mark.parametrize("config", _gluon_configs())
+def test_gluon_kernel_on_cuda(config, layout, dtype, d, s_q, s_kv, density):
+    # ragged and whole blocks, both layouts, query blocks with no key block (zero output)
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("warpgroup MMA: Hopper only")
+    _compare(2, 3, s_q, s_kv, d, 128, density, dtype, layout, device="cuda", attention=_gluon_attention(config),
+             empty_rows=True)
+    if config[0] <= 64 and config[1] <= 64:
+        _compare(1, 2, s_q, s_kv, d, 64, density, dtype, layout, device="cuda", attention=_gluon_attention(config))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gluon_dispatch_on_cuda(monkeypatch, layout):
+    # enabled: whichever kernel the measurement picks, the wrapper's result is right, negative scale included
+    monkeypatch.setenv("STEPFUSE_ATTENTION_GLUON", "1")
+    _compare(1, 4, 2048, 2048, 128, 128, 0.3, torch.bfloat16, layout, device="cuda", seed=5)
+    q, k, v = _inputs(1, 2, 1024, 1024, 64, torch.float16, layout, "cuda", seed=6)
+    num, idx = random_blocks(1, 2, 8, 8, 0.5, seed=6, device="cuda")
+    got = block_sparse_attention_triton(q, k, v, num, idx, block_size=128, layout=layout, scale=-0.2)
+    want = ref.block_sparse_attention(q.double(), k.double(), v.double(), num, idx, 128, layout=layout, scale=-0.2)
+    assert (got.double() - want).abs().max() < 2e-2
 
 
 # --------------------------------------------------------------------------------------------- block scores

@@ -281,28 +281,91 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     use_tma = tma_views is not None
     constants = dict(MASK_BLOCK=block_size, HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32,
                      EVEN_KV=s_kv % block_size == 0, EVEN_D=d == head_dim, TMA=use_tma)
-    kernel = _kernel(block_size, tiles is None)
-    tuned_key = None
-    if tiles is None:
-        # The autotuner benchmarks the candidates on the first call with a new key; after that,
-        # launching the chosen configuration directly skips its per-call argument bookkeeping,
-        # which costs tens of microseconds of host time (Triton builds its key by scanning every
-        # argument), as much as a sparse kernel at 4k tokens takes on the GPU.
-        tuned_key = (block_size, head_dim, constants["IEEE"], h, s_q, constants["EVEN_KV"], q.dtype, use_tma)
-        config = _TUNED.get(tuned_key)
-        if config is not None:
-            fixed = config.all_kwargs()
-            kernel.best_config = config  # as the autotuner reports its choice
-            kernel = kernel.fn
-    # (under the autotuner, its pre-hook sets the descriptors' block to each candidate's BLOCK_N)
-    kk, vv = _tma_descriptors(tma_views, head_dim, fixed.get("BLOCK_N", 16)) if use_tma else (k, v)
-    grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, float(scale) * 1.4426950408889634,
-                 *strides(q), *strides(k), *strides(v), *strides(out),
-                 *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d, **constants, **fixed)
-    if tuned_key is not None and tuned_key not in _TUNED:
-        _TUNED[tuned_key] = kernel.best_config
+    tuned_key = None if tiles is not None else \
+        (block_size, head_dim, constants["IEEE"], h, s_q, constants["EVEN_KV"], q.dtype, use_tma)
+    qk_scale = float(scale) * 1.4426950408889634  # the kernels exponentiate in base 2
+
+    def run_triton():
+        kernel = _kernel(block_size, tiles is None)
+        launch = fixed
+        if tuned_key is not None:
+            # The autotuner benchmarks the candidates on the first call with a new key; after that,
+            # launching the chosen configuration directly skips its per-call argument bookkeeping,
+            # which costs tens of microseconds of host time (Triton builds its key by scanning every
+            # argument), as much as a sparse kernel at 4k tokens takes on the GPU.
+            config = _TUNED.get(tuned_key)
+            if config is not None:
+                launch = config.all_kwargs()
+                kernel.best_config = config  # as the autotuner reports its choice
+                kernel = kernel.fn
+        # (under the autotuner, its pre-hook sets the descriptors' block to each candidate's BLOCK_N)
+        kk, vv = _tma_descriptors(tma_views, head_dim, launch.get("BLOCK_N", 16)) if use_tma else (k, v)
+        grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
+        kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, qk_scale,
+                     *strides(q), *strides(k), *strides(v), *strides(out),
+                     *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d, **constants, **launch)
+        if tuned_key is not None and tuned_key not in _TUNED:
+            _TUNED[tuned_key] = kernel.best_config
+
+    gluon_views = _gluon_views(q, out, tma_views, layout, block_size, kv_indices) if tuned_key is not None else None
+    if gluon_views is not None:
+        from . import gluon_kernel
+
+        def run_gluon(config):
+            gluon_kernel.launch(*gluon_views, kv_num_blocks, kv_indices, qk_scale, block_size, config)
+
+        choice = _GLUON_TUNED.get(tuned_key)
+        if choice is None:
+            # Measured, not assumed: the Gluon kernel runs only where it beats the autotuned Triton one.
+            candidates = {"triton": run_triton}
+            candidates.update({c: functools.partial(run_gluon, c) for c in gluon_kernel.CONFIGS
+                               if c[0] <= block_size and c[1] <= block_size})
+            choice = _GLUON_TUNED[tuned_key] = _fastest(candidates)
+        if choice != "triton":
+            run_gluon(choice)
+            return out
+    run_triton()
     return out
+
+
+#: Per key (as for ``_TUNED``), where the Gluon kernel is enabled: its fastest configuration
+#: ``(BLOCK_M, BLOCK_N, num_warps, stages)``, or ``"triton"`` where the Triton kernel is faster.
+_GLUON_TUNED: dict = {}
+
+
+def _gluon_views(q, out, tma_views, layout, block_size, kv_indices):
+    """``(q, k, v, out)`` as (B, H, S, D) views when the Gluon kernel
+    (:mod:`stepfuse.attention.gluon_kernel`) may take this call, else None.  It is turned on by
+    ``STEPFUSE_ATTENTION_GLUON=1`` and needs a Hopper GPU (sm_90: warpgroup MMA), float16/bfloat16,
+    head dim 64 or 128, mask blocks of at least 64 and descriptor-readable q, k and v."""
+    if os.environ.get("STEPFUSE_ATTENTION_GLUON") != "1" or tma_views is None or kv_indices.shape[-1] == 0 \
+            or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128) or block_size < 64 \
+            or _capability(q.device.index)[0] != 9:
+        return None
+    qv, ov = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, out))
+    if qv.stride(3) != 1 or ov.stride(3) != 1 or qv.data_ptr() % 16 \
+            or any(st * q.element_size() % 16 for st in qv.stride()[:3]):
+        return None
+    try:
+        from . import gluon_kernel  # noqa: F401
+    except ImportError:  # a Triton without Gluon's Hopper language
+        return None
+    return (qv, *tma_views, ov)
+
+
+def _fastest(candidates: dict):
+    """The key of the fastest of ``candidates`` (name -> call), timed on the device as Triton's
+    autotuner times its configurations; one that does not fit the GPU is skipped."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    times = {}
+    for name, run in candidates.items():
+        try:
+            times[name] = do_bench(run, warmup=10, rep=40)
+        except OutOfResources:
+            continue
+    return min(times, key=times.get)
 
 
 @functools.lru_cache(maxsize=None)
