@@ -418,6 +418,35 @@ def test_gluon_configuration_compiles_for_hopper(config, d, even):
     assert compiled.metadata.shared <= 227 * 1024
 
 
+def _mma_operands(ptx: str):
+    """(shape, A from registers or shared memory, scale/transpose flags) of each distinct warpgroup
+    MMA in ``ptx``, and the shared-memory matrix descriptor constants (swizzle, strides) it uses."""
+    import re
+
+    forms = set()
+    for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(\S+)\s+\{[^}]*\},\s*(\{[^}]*\}|%rd\d+),\s*%rd\d+,"
+                         r"\s*([^;]*);", ptx):
+        forms.add((m.group(1), "registers" if m.group(2).startswith("{") else "shared",
+                   re.sub(r"%p\d+", "p", m.group(3))))
+    return sorted(forms), sorted(set(re.findall(r"\b(\d{15,})\b", ptx)))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+@pytest.mark.parametrize("gluon_config,triton_tiles,d", [((128, 64, 4, 2), (128, 64, 4, 3), 128),
+                                                          ((128, 128, 8, 2), (128, 128, 8, 2), 128),
+                                                          ((64, 64, 4, 2), (64, 64, 4, 3), 64)])
+def test_gluon_operands_match_the_triton_kernel(gluon_config, triton_tiles, d):
+    # The Gluon kernel lays out its tiles by hand; the Triton kernel (checked on GPUs) lets the
+    # compiler choose.  Their warpgroup MMAs must read the same operands the same way: the same
+    # instruction shapes, scores from shared memory and probabilities from registers, the same
+    # transposes and the same shared-memory matrix descriptors (swizzle mode and strides).
+    if gluon_config not in _gluon_configs():
+        pytest.skip("not a Gluon candidate")
+    gluon = _mma_operands(compile_gluon_for_hopper(gluon_config, d).asm["ptx"])
+    reference = _mma_operands(compile_for_hopper(triton_tiles, True, True, d=d).asm["ptx"])
+    assert gluon == reference and gluon[0] and gluon[1]
+
+
 class _FakeGluon:
     """Stands in for :mod:`stepfuse.attention.gluon_kernel`: records launches, writes a marker."""
     CONFIGS = ((128, 64, 4, 2), (64, 64, 4, 2))
