@@ -396,7 +396,7 @@ def attention_seconds(call, device) -> float:
         call()
         synchronize(device)
     names = ("scaled_dot_product", "flash_attention", "block_sparse", "block_scores", "block_sparse_fwd",
-             "block_mean", "attention_block_scores", "fmha", "cudnn")
+             "block_mean", "attention_block_scores", "block_select", "fmha", "cudnn")
     total = 0.0
     for event in prof.key_averages():
         if any(n in event.key for n in names):

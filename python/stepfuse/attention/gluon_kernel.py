@@ -16,6 +16,7 @@ end are masked).  The wrapper in :mod:`stepfuse.attention.triton_kernel` decides
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -158,17 +159,18 @@ def block_sparse_fwd(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, qk_scale,
     gl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :], out.to(dtype), mask=(rows < S_Q)[:, None])
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows: int, head_dim: int, bf16: bool):
+    """Shared-memory layout (swizzle) of a (1, 1, rows, head_dim) tile copied by TMA."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl.bfloat16 if bf16 else gl.float16)
+
+
 def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int):
     """Tensor descriptors over the ``(B, H, S, D)`` views ``q``, ``k`` and ``v`` for query tiles of
     ``block_m`` rows and key tiles of ``block_n``."""
-    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    d = q.shape[3]
-    out = []
-    for t, rows in ((q, block_m), (k, block_n), (v, block_n)):
-        block = [1, 1, rows, d]
-        out.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block,
-                                    gl.NVMMASharedLayout.get_default_for(block, dt)))
-    return out
+    d, bf16 = q.shape[3], q.dtype == torch.bfloat16
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d], _tile_layout(rows, d, bf16))
+            for t, rows in ((q, block_m), (k, block_n), (v, block_n))]
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, kv_num_blocks: torch.Tensor,
