@@ -156,7 +156,8 @@ def bench_kernels(args, device, seconds) -> list:
                         rec["vs flex"] = f"{tf / t:.2f}x"
                     except Exception as e:  # noqa: BLE001 - FlexAttention's compile may fail on a machine
                         rec["vs flex"] = f"n/a ({type(e).__name__})"
-                    rec.update(gluon_row(q, k, v, num, idx, best, best_name, flops * actual, seconds))
+                    if args.gluon:
+                        rec.update(gluon_row(q, k, v, num, idx, best, best_name, flops * actual, seconds))
                 rows.append(rec)
                 print(rec, flush=True)
     return rows
@@ -427,6 +428,7 @@ def main() -> None:
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--block", type=int, choices=[16, 32, 64, 128], default=None)
     p.add_argument("--update", action="store_true", help="keep the parts not run from the results file")
+    p.add_argument("--no-gluon", dest="gluon", action="store_false", help="leave out the Gluon kernel's columns")
     args = p.parse_args()
     device, _, seconds = kernel_setup(args, launches=10)
     global BLOCK
