@@ -517,6 +517,25 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append(kwargs)
 
 
+def test_fastest_skips_candidates_that_do_not_fit(monkeypatch):
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    from stepfuse.attention.triton_kernel import _fastest
+
+    def too_big():
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    times = {"a": 2.0, "b": 1.0, "c": 0.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda run, **kw: run() or times[run.name])
+    candidates = {}
+    for name in times:
+        run = (lambda: None) if name != "c" else too_big
+        run.name = name
+        candidates[name] = run
+    assert _fastest(candidates) == "b"  # c would be fastest but does not fit the GPU
+
+
 def _gluon_attention(config):
     def run(q, k, v, num, idx, block, layout):
         gluon_kernel = _gluon()
