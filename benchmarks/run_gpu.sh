@@ -20,8 +20,9 @@ cd /tmp
 python3 -m stepfuse.cli info | tee "$OUT/info.txt"
 # Block-sparse attention first: the Triton kernels against the references (compiling every tile
 # configuration takes minutes in one process; pytest-xdist spreads it over the cores), then timings.
+# (bounded in time: a kernel that deadlocks on its barriers must not take the whole call with it)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-python3 -m pytest "$repo/tests/test_attention_triton.py" "$repo/tests/test_attention_ops.py" \
+timeout 300 python3 -m pytest "$repo/tests/test_attention_triton.py" "$repo/tests/test_attention_ops.py" \
   "$repo/tests/test_attention_integration.py" -q -m cuda $parallel -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest_attention.log" | tail -5
 python3 "$repo/benchmarks/bench_attention.py" --device cuda --out "$OUT/results" 2>&1 | tee "$OUT/bench_attention.log" | tail -60
