@@ -238,12 +238,11 @@ class _FakeAutotuner:
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs fixed tiles")
-def test_tuned_configuration_is_launched_directly(monkeypatch):
+def test_tuned_configuration_is_launched_directly(monkeypatch, recording_driver):
     from stepfuse.attention import triton_kernel
 
     fake = _FakeAutotuner()
     monkeypatch.setattr(triton_kernel, "_kernel", lambda block, tuned: fake)
-    monkeypatch.setattr(triton_kernel, "_TUNED", {})
     num, idx = random_blocks(1, 2, 2, 2, 1.0)
     for s_q in (64, 64, 48, 64, 48):
         q, k, v = _inputs(1, 2, s_q, 64, 32, torch.float16, "bhsd")
@@ -255,6 +254,117 @@ def test_tuned_configuration_is_launched_directly(monkeypatch):
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     assert {k: v for k, v in direct.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
                                                            "num_ctas")} == fake.launches[0][1]
+
+
+class _RecordingDriver:
+    """A stand-in for Triton's CUDA driver on a machine without a GPU: kernels compile for sm_90 as
+    on an H100, and each launch records the arguments Triton hands the CUDA launcher."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.launches = []
+        self.target = GPUTarget("cuda", 90, 32)
+        driver = self
+
+        class Utils:
+            def load_binary(self, name, kernel, shared, device):
+                return 1, 1, 128, 0, 1024  # module, function, registers, spills, max threads
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, *args):
+                driver.launches.append(args)
+
+        self.utils, self.launcher_cls = Utils(), Launcher
+        self.get_current_device = lambda: 0
+        self.get_current_stream = lambda device=None: 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _same_launch(a, b) -> bool:
+    """Two recorded launches agree: grid, stream, kernel and every argument (tensors by identity,
+    tensor descriptors by memory, shape, strides and block; the profiler-hook metadata aside)."""
+    def same(x, y):
+        if x is y or type(x).__name__ == "LazyDict":
+            return True
+        if isinstance(x, torch.Tensor):
+            return False
+        if type(x).__name__ == "TensorDescriptor":
+            return type(y) is type(x) and x.base.data_ptr() == y.base.data_ptr() and \
+                [list(t) for t in (x.shape, x.strides, x.block_shape)] == [list(t) for t in (y.shape, y.strides,
+                                                                                          y.block_shape)]
+        return type(x) is type(y) and x == y
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def recording_driver(monkeypatch):
+    import triton.compiler.compiler
+    import triton.runtime.jit
+
+    from stepfuse.attention import triton_kernel
+
+    driver = _RecordingDriver()
+    # set_active's effect, undone by monkeypatch (reset_active would look for a real GPU driver)
+    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
+    monkeypatch.setattr(triton.compiler.compiler, "max_shared_mem", lambda device: 227 * 1024)
+    monkeypatch.setattr(triton_kernel, "_COMPILED", {})
+    monkeypatch.setattr(triton_kernel, "_TUNED", {})
+    monkeypatch.setattr(triton_kernel, "_capability", lambda index: (9, 0))
+    runs = []
+    jit_run = triton.runtime.jit.JITFunction.run
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda self, *a, **kw: runs.append(1) or
+                        jit_run(self, *a, **kw))
+    driver.jit_runs = runs
+    return driver
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+@pytest.mark.parametrize("s,h,d,layout,tma", [(4096, 4, 128, "bhsd", True), (1000, 3, 128, "bshd", True),
+                                              (777, 2, 64, "bshd", False)])
+def test_compiled_launch_matches_triton_dispatch(recording_driver, monkeypatch, s, h, d, layout, tma):
+    # After Triton's own dispatch launched the tuned tiles once, later calls launch its compiled
+    # kernel directly: the CUDA launcher must receive exactly what Triton's dispatch gives it.
+    from stepfuse.attention import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "_tma_views", lambda k, v, layout: [
+        t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)] if tma else None)
+    q, k, v = _inputs(1, h, s, s, d, torch.bfloat16, layout)
+    out = torch.empty_like(q)
+    num, idx = random_blocks(1, h, -(-s // 128), -(-s // 128), 0.5)
+    triton_kernel._TUNED[(128, d, False, h, s, s % 128 == 0, torch.bfloat16, tma)] = \
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+    for _ in range(3):
+        block_sparse_attention_triton(q, k, v, num, idx, block_size=128, layout=layout, check_indices=False, out=out)
+    first, second, third = recording_driver.launches
+    assert len(recording_driver.jit_runs) == 1 and len(triton_kernel._COMPILED) == 1
+    assert _same_launch(first, second) and _same_launch(first, third)
+    assert first[:3] == (-(-s // 128), h, 1)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+@pytest.mark.parametrize("s,h,d,layout,config", [(1000, 3, 128, "bshd", (128, 64, 4, 2)),
+                                                 (1024, 2, 64, "bhsd", (64, 64, 4, 2))])
+def test_gluon_compiled_launch_matches_triton_dispatch(recording_driver, s, h, d, layout, config):
+    gluon_kernel = _gluon()
+    q, k, v = _inputs(1, h, s, s, d, torch.bfloat16, layout)
+    out = torch.empty_like(q)
+    num, idx = random_blocks(1, h, -(-s // 128), -(-s // 128), 0.5)
+    views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v, out)]
+    for _ in range(3):
+        gluon_kernel.launch(*views, num, idx, 0.125, 128, config)
+    first, second, third = recording_driver.launches
+    assert len(recording_driver.jit_runs) == 1
+    assert _same_launch(first, second) and _same_launch(first, third)
 
 
 def compile_for_hopper(tiles, tma: bool, even: bool, d: int = 128, dtype: str = "bf16"):
@@ -460,7 +570,7 @@ class _FakeGluon:
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs fixed tiles")
-def test_gluon_dispatch(monkeypatch):
+def test_gluon_dispatch(monkeypatch, recording_driver):
     # Where it is enabled and the call suits it, the Gluon kernel runs only if it was measured
     # faster than the Triton kernel for the key, measured once per key; elsewhere the Triton kernel runs.
     import stepfuse.attention
@@ -470,7 +580,6 @@ def test_gluon_dispatch(monkeypatch):
     monkeypatch.setitem(sys.modules, "stepfuse.attention.gluon_kernel", fake)
     monkeypatch.setattr(stepfuse.attention, "gluon_kernel", fake, raising=False)
     monkeypatch.setattr(triton_kernel, "_GLUON_TUNED", {})
-    monkeypatch.setattr(triton_kernel, "_TUNED", {})
     monkeypatch.setattr(triton_kernel, "_tma_views", lambda k, v, layout: [t if layout == "bhsd" else t.transpose(1, 2)
                                                                             for t in (k, v)])
     monkeypatch.setattr(triton_kernel, "_capability", lambda index: (9, 0))

@@ -17,14 +17,15 @@ end are masked).  The wrapper in :mod:`stepfuse.attention.triton_kernel` decides
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .triton_kernel import launch_compiled
 
 #: (BLOCK_M, BLOCK_N, num_warps, stages) candidates: 4 warps are one warpgroup over the query
 #: tile; 8 warps are two, each with 64 rows.  Two stages keep 128 x 64 tiles at 96 KiB of shared
@@ -174,16 +175,18 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int,
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, kv_num_blocks: torch.Tensor,
-           kv_indices: torch.Tensor, qk_scale: float, mask_block: int, config: Tuple[int, int, int, int],
-           descs: Optional[list] = None) -> None:
+           kv_indices: torch.Tensor, qk_scale: float, mask_block: int, config: Tuple[int, int, int, int]) -> None:
     """Run the kernel on ``(B, H, S, D)`` views (``out`` likewise) with ``config`` =
     ``(BLOCK_M, BLOCK_N, num_warps, stages)``; ``qk_scale`` is the softmax scale times log2(e), positive."""
     block_m, block_n, warps, stages = config
     b, h, s_q, d = q.shape
-    q_desc, k_desc, v_desc = descs if descs is not None else descriptors(q, k, v, block_m, block_n)
-    grid = (-(-s_q // block_m), b * h)
-    block_sparse_fwd[grid](q_desc, k_desc, v_desc, out, kv_num_blocks, kv_indices, qk_scale,
-                           out.stride(0), out.stride(1), out.stride(2), *kv_num_blocks.stride(), *kv_indices.stride(),
-                           h, s_q, k.shape[2], MASK_BLOCK=mask_block, HEAD_DIM=d,
-                           EVEN_KV=k.shape[2] % mask_block == 0, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                           num_warps=warps)
+    s_kv = k.shape[2]
+    ints = (out.stride(0), out.stride(1), out.stride(2), *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv)
+    args = (*descriptors(q, k, v, block_m, block_n), out, kv_num_blocks, kv_indices, qk_scale, *ints)
+    meta = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=s_kv % mask_block == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+                STAGES=stages, num_warps=warps)
+    # everything the compiled kernel is specialised on: dtypes, integers, alignments, tiles (launch_compiled)
+    key = ("gluon", config, mask_block, q.dtype, q.device.index, ints,
+           *((tuple(t.shape), t.stride()) for t in (q, k, v)),
+           *(t.data_ptr() % 16 == 0 for t in (out, kv_num_blocks, kv_indices)))
+    launch_compiled(block_sparse_fwd, (-(-s_q // block_m), b * h, 1), key, args, meta)

@@ -142,6 +142,34 @@ def _kernel(mask_block: int, tuned: bool):
 _TUNED: dict = {}
 
 
+#: Compiled kernels by everything their specialisation depends on (see :func:`launch_compiled`).
+_COMPILED: dict = {}
+
+
+def launch_compiled(kernel, grid: Tuple[int, int, int], key: tuple, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)`` (a Triton or Gluon JIT function; ``meta`` its constexprs and
+    launch options), run as compiled once Triton has compiled it for ``key``.
+
+    Triton specialises a compiled kernel on its integer arguments (equal to 1, divisible by 16), its
+    pointers' alignment and dtypes, its constexprs and options: ``key`` must determine all of them
+    (and the tensors' device).  Launching the compiled kernel skips Triton's per-call binding of the
+    arguments (its specialisation scan and cache lookup), which costs as much host time as the
+    rest of a call."""
+    from triton.runtime import driver
+
+    # (the current device too: Triton compiles and launches for it, whatever the tensors' device)
+    key = (key, driver.active.get_current_device())
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **meta)
+        if hasattr(compiled, "function"):  # the compiled kernel Triton launched
+            if len(_COMPILED) >= 256:
+                _COMPILED.clear()
+            _COMPILED[key] = compiled
+        return
+    compiled[grid](*args, *(meta[name] for name in kernel.arg_names[len(args):]))
+
+
 def _descriptor_blocks(nargs):
     """Autotuner pre-hook: a TMA descriptor's block is the configuration's key sub-tile."""
     for name in ("K", "V"):
@@ -288,22 +316,27 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     def run_triton():
         kernel = _kernel(block_size, tiles is None)
         launch = fixed
-        if tuned_key is not None:
-            # The autotuner benchmarks the candidates on the first call with a new key; after that,
-            # launching the chosen configuration directly skips its per-call argument bookkeeping,
-            # which costs tens of microseconds of host time (Triton builds its key by scanning every
-            # argument), as much as a sparse kernel at 4k tokens takes on the GPU.
-            config = _TUNED.get(tuned_key)
-            if config is not None:
-                launch = config.all_kwargs()
-                kernel.best_config = config  # as the autotuner reports its choice
-                kernel = kernel.fn
+        # The autotuner benchmarks the candidates on the first call with a new key; after that,
+        # launching the chosen configuration directly skips its per-call argument bookkeeping,
+        # which costs tens of microseconds of host time (Triton builds its key by scanning every
+        # argument), as much as a sparse kernel at 4k tokens takes on the GPU.
+        config = _TUNED.get(tuned_key) if tuned_key is not None else None
+        if config is not None:
+            launch = config.all_kwargs()
+            kernel.best_config = config  # as the autotuner reports its choice
+            kernel = kernel.fn
         # (under the autotuner, its pre-hook sets the descriptors' block to each candidate's BLOCK_N)
         kk, vv = _tma_descriptors(tma_views, head_dim, launch.get("BLOCK_N", 16)) if use_tma else (k, v)
-        grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
-        kernel[grid](q, kk, vv, out, kv_num_blocks, kv_indices, qk_scale,
-                     *strides(q), *strides(k), *strides(v), *strides(out),
-                     *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv, d, **constants, **launch)
+        ints = (*strides(q), *strides(k), *strides(v), *strides(out), *kv_num_blocks.stride(), *kv_indices.stride(),
+                h, s_q, s_kv, d)
+        args = (q, kk, vv, out, kv_num_blocks, kv_indices, qk_scale, *ints)
+        if config is None:  # the autotuner (first call) or fixed tiles
+            grid = lambda meta: (-(-s_q // meta["BLOCK_M"]), b * h)  # noqa: E731
+            kernel[grid](*args, **constants, **launch)
+        else:
+            key = (tuned_key, tuple(launch.items()), q.device.index, ints,
+                   *(t.data_ptr() % 16 == 0 for t in (q, k, v, out, kv_num_blocks, kv_indices)))
+            launch_compiled(kernel, (-(-s_q // launch["BLOCK_M"]), b * h, 1), key, args, {**constants, **launch})
         if tuned_key is not None and tuned_key not in _TUNED:
             _TUNED[tuned_key] = kernel.best_config
 
