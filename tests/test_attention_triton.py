@@ -285,9 +285,6 @@ class _RecordingDriver:
     def get_current_target(self):
         return self.target
 
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
 
 def _same_launch(a, b) -> bool:
     """Two recorded launches agree: grid, stream, kernel and every argument (tensors by identity,

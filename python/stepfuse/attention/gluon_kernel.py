@@ -31,7 +31,6 @@ from .triton_kernel import launch_compiled
 #: tile; 8 warps are two, each with 64 rows.  Two stages keep 128 x 64 tiles at 96 KiB of shared
 #: memory, so two programs share an SM and hide each other's copy latency.
 CONFIGS = ((128, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 8, 3))
-HEAD_DIMS = (64, 128)
 
 
 @gluon.jit

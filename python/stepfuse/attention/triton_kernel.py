@@ -194,10 +194,13 @@ def _tma_views(k, v, layout):
     except ImportError:  # a Triton without host-side descriptors
         return None
     views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
-    item = k.element_size()
-    if any(t.stride(3) != 1 or t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:3]) for t in views):
-        return None
-    return views
+    return views if all(map(_descriptor_readable, views)) else None
+
+
+def _descriptor_readable(t: torch.Tensor) -> bool:
+    """A tensor descriptor can cover ``t``: contiguous last dim, 16-byte aligned base and strides."""
+    item = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * item % 16 == 0 for st in t.stride()[:-1])
 
 
 def _tma_descriptors(views, head_dim, block_n):
@@ -376,8 +379,7 @@ def _gluon_views(q, out, tma_views, layout, block_size, kv_indices):
             or _capability(q.device.index)[0] != 9:
         return None
     qv, ov = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, out))
-    if qv.stride(3) != 1 or ov.stride(3) != 1 or qv.data_ptr() % 16 \
-            or any(st * q.element_size() % 16 for st in qv.stride()[:3]):
+    if not _descriptor_readable(qv) or ov.stride(3) != 1:  # out is written through pointers
         return None
     try:
         from . import gluon_kernel  # noqa: F401
