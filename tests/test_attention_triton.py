@@ -288,7 +288,7 @@ class _RecordingDriver:
 
 def _same_launch(a, b) -> bool:
     """Two recorded launches agree: grid, stream, kernel and every argument (tensors by identity,
-    tensor descriptors by memory, shape, strides and block; the profiler-hook metadata aside)."""
+    tensor descriptors by memory, shape, strides, block and layout; the profiler-hook metadata aside)."""
     def same(x, y):
         if x is y or type(x).__name__ == "LazyDict":
             return True
@@ -297,7 +297,8 @@ def _same_launch(a, b) -> bool:
         if type(x).__name__ == "TensorDescriptor":
             return type(y) is type(x) and x.base.data_ptr() == y.base.data_ptr() and \
                 [list(t) for t in (x.shape, x.strides, x.block_shape)] == [list(t) for t in (y.shape, y.strides,
-                                                                                          y.block_shape)]
+                                                                                          y.block_shape)] and \
+                getattr(x, "layout", None) == getattr(y, "layout", None)  # (Gluon's descriptors carry one)
         return type(x) is type(y) and x == y
 
     return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
