@@ -559,6 +559,17 @@ def test_gluon_operands_match_the_triton_kernel(gluon_config, triton_tiles, d):
     assert gluon == reference and gluon[0] and gluon[1]
 
 
+def test_descriptor_readable():
+    from stepfuse.attention.triton_kernel import _descriptor_readable
+
+    x = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    assert _descriptor_readable(x) and _descriptor_readable(x.transpose(1, 2))  # either layout's view
+    assert not _descriptor_readable(torch.zeros(2, 3, 40, 60, dtype=torch.bfloat16))  # rows of 120 bytes
+    assert not _descriptor_readable(x[..., 1:33])  # base off the 16-byte grid
+    assert not _descriptor_readable(x.transpose(2, 3))  # last dim not contiguous
+    assert not _descriptor_readable(x[:, :, :0])  # an empty sequence: descriptor sizes must be positive
+
+
 class _FakeGluon:
     """Stands in for :mod:`stepfuse.attention.gluon_kernel`: records launches, writes a marker."""
     CONFIGS = ((128, 64, 4, 2), (64, 64, 4, 2))

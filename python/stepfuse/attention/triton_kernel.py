@@ -198,9 +198,11 @@ def _tma_views(k, v, layout):
 
 
 def _descriptor_readable(t: torch.Tensor) -> bool:
-    """A tensor descriptor can cover ``t``: contiguous last dim, 16-byte aligned base and strides."""
+    """A tensor descriptor can cover ``t``: not empty (a descriptor's sizes are positive), contiguous
+    last dim, 16-byte aligned base and strides."""
     item = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * item % 16 == 0 for st in t.stride()[:-1])
+    return t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 \
+        and all(st * item % 16 == 0 for st in t.stride()[:-1])
 
 
 def _tma_descriptors(views, head_dim, block_n):
