@@ -662,12 +662,74 @@ def _gluon_attention(config):
     def run(q, k, v, num, idx, block, layout):
         gluon_kernel = _gluon()
         views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v)]
-        out = torch.empty_like(q)
+        out = torch.full_like(q, float("nan"))  # an output the kernel does not write stays NaN
         gluon_kernel.launch(*views, out if layout == "bhsd" else out.transpose(1, 2), num, idx,
                             q.shape[-1] ** -0.5 * 1.4426950408889634, block, config)
         return out
 
     return run
+
+
+@pytest.fixture
+def emulated_gluon(monkeypatch):
+    """The Gluon kernel's launches run by the CPU emulator of :mod:`stepfuse.testing.gluon`."""
+    from stepfuse.testing import gluon as emulator
+
+    monkeypatch.setattr(_gluon(), "launch_compiled", emulator.launcher)
+    return emulator
+
+
+@pytest.mark.parametrize("dtype,d,layout,s_q,s_kv,density,block", [
+    (torch.float16, 64, "bhsd", 300, 300, 0.5, 128),  # ragged sequences, partial last blocks
+    (torch.bfloat16, 128, "bshd", 200, 333, 0.6, 128),  # fewer queries than keys, strided layout
+    (torch.float16, 128, "bshd", 512, 512, 1.0, 128),  # whole blocks (no key masking), every block kept
+    (torch.bfloat16, 64, "bhsd", 190, 130, 0.4, 64),  # mask blocks of 64
+])
+@pytest.mark.parametrize("config", _gluon_configs())
+def test_gluon_kernel_emulated(emulated_gluon, config, dtype, d, layout, s_q, s_kv, density, block):
+    # Every configuration the dispatcher may pick, run on the CPU with its TMA ring, mbarrier phases
+    # and asynchronous MMAs checked for hazards; query blocks with no key block must come out zero.
+    if config[0] > block or config[1] > block:
+        pytest.skip("tiles larger than the mask's blocks are never dispatched")
+    _compare(1, 2, s_q, s_kv, d, block, density, dtype, layout, attention=_gluon_attention(config), empty_rows=True)
+
+
+# Each bug, planted in the real kernel's source, is one the emulator must report.
+GLUON_BUGS = {
+    "copy over a value tile an MMA still reads": (
+        "\n        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok, p])",
+        "\n        _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, h, next_start, j - 1 + STAGES, n, "
+        "STAGES)\n        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok, p])",
+        "MMA still in flight reads"),
+    "MMA on a value tile before waiting for its copy": (
+        "mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)", "pass", "before a wait on its mbarrier"),
+    "output accumulator read with its MMA in flight": (
+        "\n        acc, p = warpgroup_mma_wait(num_outstanding=0,", "\n        acc, p = warpgroup_mma_wait(num_outstanding=1,",
+        "may still be in flight"),
+    "wrong mbarrier phase": (
+        "mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)", "mbarrier.wait(k_bars.index(slot), (j // STAGES + 1) & 1)",
+        "never returns"),
+    "one row past the end stored": ("mask=(rows < S_Q)[:, None]", "mask=(rows <= S_Q)[:, None]",
+                                    "written twice|outside the tensor"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(GLUON_BUGS))
+def test_gluon_emulator_finds_planted_bugs(emulated_gluon, monkeypatch, bug):
+    import inspect
+    import textwrap
+
+    gluon_kernel = _gluon()
+    old, new, report = GLUON_BUGS[bug]
+    source = textwrap.dedent(inspect.getsource(gluon_kernel.block_sparse_fwd.fn))
+    assert source.count(old) == 1, "the kernel changed: update the planted bug"
+    source = source.replace(old, new).split("\n", 1)[1]  # without the @gluon.jit line
+    scope = dict(vars(gluon_kernel))
+    exec(compile(source, "<planted bug>", "exec"), scope)
+    monkeypatch.setattr(gluon_kernel, "launch_compiled", lambda kernel, grid, key, args, meta: emulated_gluon.emulate(
+        scope["block_sparse_fwd"], grid, args, meta))
+    with pytest.raises(emulated_gluon.GluonHazard, match=report):
+        _compare(1, 2, 300, 512, 64, 128, 1.0, torch.float16, "bhsd", attention=_gluon_attention((128, 64, 4, 2)))
 
 
 @pytest.mark.cuda

@@ -1,0 +1,521 @@
+"""Run a Hopper Gluon kernel on the CPU, one program at a time, checking its asynchronous hazards.
+
+Gluon kernels cannot run under ``TRITON_INTERPRET=1``, and a machine without a Hopper GPU can only
+compile them.  :func:`emulate` runs a kernel's Python body instead, with torch tensors standing in
+for registers and shared memory and sequential stand-ins for the asynchronous machinery:
+
+* a TMA copy (``tma.async_copy_global_to_shared``) lands at once, reading zeros outside the
+  descriptor's shape (the hardware's out-of-bounds fill), and completes its bytes on the mbarrier;
+* ``mbarrier.expect`` is an arrival that also expects bytes (PTX ``mbarrier.arrive.expect_tx``); a
+  phase completes when all arrivals are in and all expected bytes have landed;
+* ``mbarrier.wait(bar, phase)`` returns when the phase of that parity has completed (PTX
+  ``mbarrier.try_wait.parity``); one that the program itself could never complete is a deadlock;
+* ``warpgroup_mma(..., is_async=True)`` computes its result (fp32 accumulation) and returns a
+  token that ``warpgroup_mma_wait(num_outstanding, deps)`` resolves once the group is retired,
+  oldest first.
+
+Landing and computing at issue gives the right values for a correct kernel; what the sequential
+order hides, the hazard checks catch, whatever the real timing would be:
+
+* an MMA reading shared memory that a copy is still filling (issued, but its phase not yet waited
+  on): read before the data is guaranteed to be there;
+* a copy (or a register store) into shared memory that an MMA still in flight reads: the operand
+  may be overwritten before the tensor cores read it;
+* a token read before its group was retired, a wait that could never return, a copy or MMA still
+  in flight when the program ends, a global access outside the tensor, an output written twice.
+
+Any of these raises :class:`GluonHazard`.  The stand-ins cover the operations the kernels of
+:mod:`stepfuse.attention.gluon_kernel` use; any other raises ``AttributeError`` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+__all__ = ["GluonHazard", "emulate", "launcher"]
+
+
+class GluonHazard(RuntimeError):
+    """The emulated program did something whose outcome depends on the timing of asynchronous work."""
+
+
+def _int(x) -> int:
+    return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
+
+
+def _bool(x) -> bool:
+    return bool(x.item()) if isinstance(x, torch.Tensor) else bool(x)
+
+
+def _tensor(x):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The bytes [first, end) a view occupies in its storage."""
+    start = t.storage_offset()
+    last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return start * t.element_size(), (last + 1) * t.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# state of one program
+
+
+class _Program:
+    def __init__(self, pid: Tuple[int, int, int], grid: Tuple[int, int, int], num_warps: int):
+        self.pid, self.grid = pid, grid
+        self.num_warps = num_warps
+        self.mma_in_flight: List["_Token"] = []
+        self.barriers: List["_Barrier"] = []
+
+    def copies_in_flight(self):
+        return [c for bar in self.barriers for c in bar.copies]
+
+    def check_read(self, smem: "_Shared", what: str):
+        for copy in self.copies_in_flight():
+            if copy.target.overlaps(smem):
+                raise GluonHazard(f"program {self.pid}: {what} reads shared memory that a TMA copy (to {copy.coord}) "
+                                  "fills, before a wait on its mbarrier")
+
+    def check_write(self, smem: "_Shared", what: str):
+        for token in self.mma_in_flight:
+            if any(operand.overlaps(smem) for operand in token.operands):
+                raise GluonHazard(f"program {self.pid}: {what} writes shared memory that a warpgroup MMA still in "
+                                  "flight reads (retire it with warpgroup_mma_wait first)")
+        for copy in self.copies_in_flight():
+            if copy.target.overlaps(smem):
+                raise GluonHazard(f"program {self.pid}: {what} writes shared memory that a TMA copy (to {copy.coord}) "
+                                  "is still filling")
+
+    def finish(self):
+        if self.mma_in_flight:
+            raise GluonHazard(f"program {self.pid} ended with {len(self.mma_in_flight)} warpgroup MMA(s) in flight")
+        copies = self.copies_in_flight()
+        if copies:
+            raise GluonHazard(f"program {self.pid} ended with TMA copies never waited on (to {copies[0].coord})")
+
+
+_current: List[_Program] = []
+
+
+def _program() -> _Program:
+    if not _current:
+        raise RuntimeError("Gluon stand-ins are only usable inside stepfuse.testing.gluon.emulate")
+    return _current[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# global memory
+
+
+class _Memory:
+    """A kernel argument tensor: its storage as a flat tensor, which elements belong to it, and
+    which of those a store has written."""
+
+    def __init__(self, t: torch.Tensor):
+        n = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+        self.flat = t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (n,), (1,))
+        self.valid = torch.zeros(n, dtype=torch.bool)
+        self.valid.as_strided(t.shape, t.stride()).fill_(True)
+        self.written = torch.zeros(n, dtype=torch.bool)
+
+
+class _Pointer:
+    """A pointer (or a tensor of pointers): element offsets into a :class:`_Memory`."""
+
+    def __init__(self, memory: _Memory, offset):
+        self.memory, self.offset = memory, offset
+
+    def __add__(self, other):
+        if isinstance(other, _Pointer):
+            raise TypeError("pointer + pointer")
+        return _Pointer(self.memory, self.offset + other)
+
+    __radd__ = __add__
+
+    def offsets(self, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        offset = _tensor(self.offset).long()
+        mask = torch.ones((), dtype=torch.bool) if mask is None else _tensor(mask).bool()
+        offset, mask = torch.broadcast_tensors(offset, mask)
+        inside = (offset >= 0) & (offset < self.memory.valid.numel())
+        ok = inside & self.memory.valid[offset.clamp(0, self.memory.valid.numel() - 1)]
+        if bool((mask & ~ok).any()):
+            bad = offset[mask & ~ok].flatten()[0].item()
+            raise GluonHazard(f"program {_program().pid}: access at element offset {bad}, outside the tensor")
+        return offset, mask
+
+
+def _load(pointer: _Pointer, mask=None, other=None, **_):
+    offset, mask = pointer.offsets(mask)
+    values = pointer.memory.flat[offset.clamp(0, pointer.memory.flat.numel() - 1)]
+    if other is None:
+        other = 0
+    return torch.where(mask, values, torch.as_tensor(other, dtype=values.dtype))
+
+
+def _store(pointer: _Pointer, value, mask=None, **_):
+    offset, mask = pointer.offsets(mask)
+    value = torch.broadcast_to(_tensor(value), offset.shape)
+    offset, value = offset[mask], value[mask]
+    memory = pointer.memory
+    if bool(memory.written[offset].any()) or offset.unique().numel() != offset.numel():
+        raise GluonHazard(f"program {_program().pid}: an output element is written twice")
+    memory.written[offset] = True
+    memory.flat[offset] = value.to(memory.flat.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared memory, mbarriers, TMA, warpgroup MMA
+
+
+class _Shared:
+    """A shared-memory descriptor: a view of a buffer filled with NaN when allocated."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    @property
+    def shape(self):
+        return list(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def overlaps(self, other: "_Shared") -> bool:
+        if self.data.untyped_storage().data_ptr() != other.data.untyped_storage().data_ptr():
+            return False
+        (a0, a1), (b0, b1) = _span(self.data), _span(other.data)
+        return a0 < b1 and b0 < a1
+
+    def index(self, i):
+        return _Shared(self.data[_int(i)])
+
+    def reshape(self, shape):
+        return _Shared(self.data.view([_int(n) for n in shape]))
+
+    def permute(self, order):
+        return _Shared(self.data.permute([_int(n) for n in order]))
+
+    def load(self, layout=None):
+        _program().check_read(self, "a shared-memory load")
+        return self.data.clone()
+
+    def store(self, value):
+        _program().check_write(self, "a shared-memory store")
+        self.data.copy_(value)
+
+
+class _Copy:
+    def __init__(self, target: _Shared, coord, phase: int):
+        self.target, self.coord, self.phase = target, coord, phase
+
+
+class _Barrier:
+    """An mbarrier: expected arrivals, transaction bytes and completed phases."""
+
+    def __init__(self, group: List["_Barrier"]):
+        self.group = group
+        self.count = None  # arrivals per phase; None until init
+        self.pending = 0
+        self.tx = 0
+        self.completed = 0
+        self.copies: List[_Copy] = []
+
+    def index(self, i):
+        return self.group[_int(i)]
+
+    def _live(self, what: str):
+        if self.count is None:
+            raise GluonHazard(f"program {_program().pid}: {what} on an mbarrier that is not initialised")
+
+    def _maybe_complete(self):
+        if self.pending == 0 and self.tx == 0:
+            self.completed += 1
+            self.pending = self.count
+
+
+class _MBarrierLayout:
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+def _allocate_shared_memory(dtype, shape, layout=None, value=None):
+    shape = [_int(n) for n in shape]
+    if isinstance(layout, _MBarrierLayout):
+        group: List[_Barrier] = []
+        group.extend(_Barrier(group) for _ in range(math.prod(shape)))
+        _program().barriers.extend(group)
+        return group[0]
+    data = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+    if value is not None:
+        data.copy_(value)
+    return _Shared(data)
+
+
+def _mbarrier_init(bar: _Barrier, count):
+    bar.count = bar.pending = _int(count)
+    bar.tx, bar.completed, bar.copies = 0, 0, []
+
+
+def _mbarrier_invalidate(bar: _Barrier):
+    bar._live("invalidate")
+    if bar.copies:
+        raise GluonHazard(f"program {_program().pid}: mbarrier invalidated with TMA copies never waited on")
+    bar.count = None
+
+
+def _mbarrier_expect(bar: _Barrier, bytes_per_cta=None, pred=True):
+    bar._live("expect")
+    if _bool(pred):
+        bar.tx += _int(bytes_per_cta)
+        _mbarrier_arrive(bar)
+
+
+def _mbarrier_arrive(bar: _Barrier, *, count=1, pred=True):
+    bar._live("arrive")
+    if _bool(pred):
+        bar.pending -= _int(count)
+        if bar.pending < 0:
+            raise GluonHazard(f"program {_program().pid}: more arrivals on an mbarrier than its count")
+        bar._maybe_complete()
+
+
+def _mbarrier_wait(bar: _Barrier, phase, pred=True, deps=()):
+    bar._live("wait")
+    if not _bool(pred):
+        return
+    parity = _int(phase) & 1
+    # try_wait.parity(p) returns once the phase of parity p has completed: while the phase in
+    # progress has parity p, nothing in this program can complete it any more
+    if bar.completed & 1 == parity:
+        raise GluonHazard(f"program {_program().pid}: mbarrier wait for phase parity {parity} never returns "
+                          f"({bar.completed} phases completed, the one in progress has that parity)")
+    bar.copies = [c for c in bar.copies if c.phase >= bar.completed]
+
+
+class _Descriptor:
+    """A host ``TensorDescriptor`` as the kernel sees it."""
+
+    class _BlockType:
+        def __init__(self, shape, dtype):
+            self.shape = shape
+            self.nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    def __init__(self, desc):
+        self.tensor = desc.base.as_strided(desc.shape, desc.strides)
+        self.dtype = desc.base.dtype
+        self.layout = desc.layout
+        self.shape = list(desc.shape)
+        self.block_type = self._BlockType(list(desc.block_shape), self.dtype)
+
+    def tile(self, coord) -> torch.Tensor:
+        """The block at ``coord``: zeros where it lies outside the tensor (TMA's out-of-bounds fill)."""
+        block = self.block_type.shape
+        out = torch.zeros(block, dtype=self.dtype)
+        src, dst = [], []
+        for c, b, n in zip(coord, block, self.shape):
+            lo, hi = max(c, 0), min(c + b, n)
+            if lo >= hi:
+                return out
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - c, hi - c))
+        out[tuple(dst)] = self.tensor[tuple(src)]
+        return out
+
+
+def _tma_load(desc: _Descriptor, coord, barrier: _Barrier, result: _Shared, pred=True, multicast=False):
+    if not _bool(pred):
+        return
+    barrier._live("a TMA copy")
+    program = _program()
+    coord = [_int(c) for c in coord]
+    if result.shape != desc.block_type.shape or result.dtype != desc.dtype:
+        raise GluonHazard(f"program {program.pid}: TMA copy of a {desc.block_type.shape} {desc.dtype} block into "
+                          f"{result.shape} {result.dtype} shared memory")
+    program.check_write(result, "a TMA copy")
+    result.data.copy_(desc.tile(coord))
+    barrier.copies.append(_Copy(result, coord, barrier.completed))
+    barrier.tx -= desc.block_type.nbytes
+    barrier._maybe_complete()
+
+
+class _Token:
+    """An asynchronous warpgroup MMA's result, readable after warpgroup_mma_wait retires it."""
+
+    def __init__(self, value: torch.Tensor, operands: Sequence[_Shared]):
+        self.value, self.operands, self.retired = value, list(operands), False
+
+
+def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None, is_async=False):
+    program = _program()
+    shared = [x for x in (a, b) if isinstance(x, _Shared)]
+    if not isinstance(b, _Shared):
+        raise GluonHazard(f"program {program.pid}: warpgroup MMA's second operand must be in shared memory")
+    for x in shared:
+        program.check_read(x, "a warpgroup MMA")
+    a_val = a.data if isinstance(a, _Shared) else a
+    if isinstance(acc, _Token):
+        acc = acc.value
+    if a_val.dtype != b.dtype or a_val.dtype not in (torch.float16, torch.bfloat16) or acc.dtype != torch.float32:
+        raise GluonHazard(f"program {program.pid}: warpgroup MMA of {a_val.dtype} x {b.dtype} into {acc.dtype}")
+    if a_val.shape[1] != b.data.shape[0] or tuple(acc.shape) != (a_val.shape[0], b.data.shape[1]):
+        raise GluonHazard(f"program {program.pid}: warpgroup MMA shapes {tuple(a_val.shape)} x {tuple(b.data.shape)} "
+                          f"-> {tuple(acc.shape)}")
+    value = a_val.float() @ b.data.float()  # never-written shared memory is NaN: garbage in, garbage out
+    if _bool(use_acc):
+        value = value + acc
+    if not _bool(is_async):
+        return value
+    token = _Token(value, shared)
+    program.mma_in_flight.append(token)
+    return token
+
+
+def _warpgroup_mma_wait(num_outstanding=0, deps=None):
+    if deps is None:
+        raise ValueError("warpgroup_mma_wait deps must be given")
+    program = _program()
+    while len(program.mma_in_flight) > _int(num_outstanding):
+        program.mma_in_flight.pop(0).retired = True
+    results = []
+    for d in deps:
+        if isinstance(d, _Token):
+            if not d.retired:
+                raise GluonHazard(f"program {program.pid}: an MMA result is read while the MMA may still be in "
+                                  f"flight (warpgroup_mma_wait(num_outstanding={_int(num_outstanding)}) leaves it)")
+            d = d.value
+        results.append(d)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gl namespace
+
+
+class _Layout:
+    """Any distributed or shared layout: registers and shared memory carry no layout here."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _static_assert(cond, msg=""):
+    if not _bool(cond):
+        raise AssertionError(msg)
+
+
+def _binary(fn):
+    return lambda a, b, *args, **kwargs: fn(_tensor(a), _tensor(b))
+
+
+def _reduce(fn):
+    def reduce(x, axis=None, keep_dims=False, **_):
+        return fn(x) if axis is None else fn(x, dim=_int(axis), keepdim=keep_dims)
+    return reduce
+
+
+_gl = types.SimpleNamespace(
+    constexpr=lambda x=None: x,
+    float16=torch.float16, bfloat16=torch.bfloat16, float32=torch.float32, float64=torch.float64,
+    int8=torch.int8, int16=torch.int16, int32=torch.int32, int64=torch.int64,
+    NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout, SliceLayout=_Layout, BlockedLayout=_Layout,
+    NVMMASharedLayout=_Layout, SwizzledSharedLayout=_Layout,
+    program_id=lambda axis: _program().pid[_int(axis)],
+    num_programs=lambda axis: _program().grid[_int(axis)],
+    num_warps=lambda: _program().num_warps,
+    static_range=lambda *args: range(*(_int(a) for a in args)),
+    static_assert=_static_assert,
+    arange=lambda start, end, layout=None: torch.arange(_int(start), _int(end), dtype=torch.int32),
+    zeros=lambda shape, dtype, layout=None: torch.zeros([_int(n) for n in shape], dtype=dtype),
+    full=lambda shape, value, dtype, layout=None: torch.full([_int(n) for n in shape], value, dtype=dtype),
+    convert_layout=lambda x, layout, assert_trivial=False: x,
+    where=lambda c, a, b: torch.where(_tensor(c).bool(), a, b),
+    maximum=_binary(torch.maximum), minimum=_binary(torch.minimum),
+    max=_reduce(torch.amax), min=_reduce(torch.amin), sum=_reduce(torch.sum),
+    exp=torch.exp, exp2=torch.exp2, log=torch.log, log2=torch.log2, sqrt=torch.sqrt, abs=torch.abs,
+    cdiv=lambda a, b: -(-a // b),
+    load=_load, store=_store,
+    allocate_shared_memory=_allocate_shared_memory,
+)
+_mbarrier = types.SimpleNamespace(MBarrierLayout=_MBarrierLayout, init=_mbarrier_init, invalidate=_mbarrier_invalidate,
+                                  expect=_mbarrier_expect, arrive=_mbarrier_arrive, wait=_mbarrier_wait)
+_tma = types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_load=_tma_load)
+
+
+def _stand_ins() -> Dict[int, Any]:
+    """id(real Gluon object) -> its stand-in."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import hopper
+
+    return {id(gl): _gl, id(hopper.mbarrier): _mbarrier, id(hopper.tma): _tma,
+            id(hopper.warpgroup_mma): _warpgroup_mma, id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait}
+
+
+def _emulated(fn, cache: Dict[int, Any]):
+    """The Python function of Gluon JIT function ``fn``, its globals swapped for the stand-ins."""
+    from triton.experimental.gluon._runtime import GluonJITFunction
+
+    if id(fn) in cache:
+        return cache[id(fn)]
+    py = getattr(fn, "fn", fn)  # a JIT function's Python function, or a plain one
+    scope = dict(py.__globals__)
+    clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
+    cache[id(fn)] = clone
+    for name in py.__code__.co_names:
+        value = scope.get(name)
+        if id(value) in cache:
+            scope[name] = cache[id(value)]
+        elif isinstance(value, GluonJITFunction):
+            scope[name] = _emulated(value, cache)
+    return clone
+
+
+def _argument(x, memories: Dict[int, _Memory]):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if isinstance(x, TensorDescriptor):
+        return _Descriptor(x)
+    if isinstance(x, torch.Tensor):
+        key = x.untyped_storage().data_ptr()
+        memory = memories.get(key)
+        if memory is None or memory.flat.dtype != x.dtype:
+            memory = memories[key] = _Memory(x)
+        offset = x.storage_offset() - memory.flat.storage_offset()
+        return _Pointer(memory, offset)
+    return x
+
+
+def emulate(kernel, grid: Sequence[int], args: Sequence[Any], meta: Dict[str, Any]) -> None:
+    """Run Gluon JIT function ``kernel`` over ``grid`` (up to three ints) on CPU tensors: ``args``
+    as the kernel takes them (host ``TensorDescriptor``\\ s, tensors, scalars), ``meta`` the
+    constexpr arguments plus ``num_warps``.  Programs run one after another; raises
+    :class:`GluonHazard` on the first hazard found."""
+    meta = dict(meta)
+    num_warps = meta.pop("num_warps", 4)
+    meta.pop("num_stages", None)
+    fn = _emulated(kernel, _stand_ins())
+    memories: Dict[int, _Memory] = {}
+    args = [_argument(a, memories) for a in args]
+    grid = list(grid) + [1] * (3 - len(grid))
+    for z in range(grid[2]):
+        for y in range(grid[1]):
+            for x in range(grid[0]):
+                program = _Program((x, y, z), tuple(grid), num_warps)
+                _current.append(program)
+                try:
+                    fn(*args, **meta)
+                    program.finish()
+                finally:
+                    _current.pop()
+
+
+def launcher(kernel, grid3, key, args, meta) -> None:
+    """Drop-in for :func:`stepfuse.attention.triton_kernel.launch_compiled` that emulates."""
+    emulate(kernel, grid3, args, meta)
+
