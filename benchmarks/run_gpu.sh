@@ -22,10 +22,35 @@ python3 -m stepfuse.cli info | tee "$OUT/info.txt"
 # configuration takes minutes in one process; pytest-xdist spreads it over the cores), then timings.
 # (bounded in time: a kernel that deadlocks on its barriers must not take the whole call with it)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+# The Gluon kernel (Hopper only) is tried alone first, every configuration against the reference:
+# should it fail or hang there, its tests and benchmark columns are left out and the rest still runs.
+skip=(); nogluon=()
+timeout 120 python3 -c "
+import sys, torch
+sys.path.insert(0, '$repo/tests')
+import test_attention_triton as t
+if torch.cuda.get_device_capability()[0] == 9:
+    for config in t._gluon_configs():
+        t._compare(2, 3, 777, 1290, 128, 128, 0.6, torch.bfloat16, 'bshd', device='cuda',
+                   attention=t._gluon_attention(config), empty_rows=True)
+        print('gluon', config, 'matches the reference', flush=True)
+" > "$OUT/gluon_smoke.log" 2>&1
+gluon_rc=$?
+tail -6 "$OUT/gluon_smoke.log"
+if [ $gluon_rc -ne 0 ]; then
+  skip=(-k "not gluon"); nogluon=(--no-gluon)
+  echo "Gluon smoke check failed (exit $gluon_rc): Gluon tests and columns left out"
+fi
 timeout 300 python3 -m pytest "$repo/tests/test_attention_triton.py" "$repo/tests/test_attention_ops.py" \
-  "$repo/tests/test_attention_integration.py" -q -m cuda $parallel -p no:cacheprovider 2>&1 \
+  "$repo/tests/test_attention_integration.py" -q -m cuda $parallel -p no:cacheprovider "${skip[@]}" 2>&1 \
   | tee "$OUT/pytest_attention.log" | tail -5
-python3 "$repo/benchmarks/bench_attention.py" --device cuda --out "$OUT/results" 2>&1 | tee "$OUT/bench_attention.log" | tail -60
+python3 "$repo/benchmarks/bench_attention.py" --device cuda --out "$OUT/results" "${nogluon[@]}" 2>&1 \
+  | tee "$OUT/bench_attention.log" | tail -60
+if [ $gluon_rc -eq 0 ]; then
+  # the library's dispatch with the Gluon kernel enabled: its measured choice per shape
+  STEPFUSE_ATTENTION_GLUON=1 python3 "$repo/benchmarks/bench_attention.py" --device cuda --parts kernels \
+    --head-dims 128 --out "$OUT/results-gluon-dispatch" 2>&1 | tee "$OUT/bench_attention_gluon.log" | tail -30
+fi
 python3 -m pytest "$repo/tests" -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -5
 python3 -X faulthandler -m pytest "$repo/tests/test_solver_step.py" "$repo/tests/test_no_sync.py" -v -p no:cacheprovider \
   > "$OUT/pytest_op.log" 2>&1; echo "op tests exit $?"; grep -E "passed|failed|Fatal|FAILED" "$OUT/pytest_op.log" | tail -5
