@@ -12,15 +12,19 @@ for registers and shared memory and sequential stand-ins for the asynchronous ma
   ``mbarrier.try_wait.parity``); one that the program itself could never complete is a deadlock;
 * ``warpgroup_mma(..., is_async=True)`` computes its result (fp32 accumulation) and returns a
   token that ``warpgroup_mma_wait(num_outstanding, deps)`` resolves once the group is retired,
-  oldest first.
+  oldest first;
+* a TMA store (``tma.async_copy_shared_to_global``) writes at once, clipped to the tensor, and
+  stays pending until ``tma.store_wait`` lets it go.
 
 Landing and computing at issue gives the right values for a correct kernel; what the sequential
 order hides, the hazard checks catch, whatever the real timing would be:
 
 * an MMA reading shared memory that a copy is still filling (issued, but its phase not yet waited
   on): read before the data is guaranteed to be there;
-* a copy (or a register store) into shared memory that an MMA still in flight reads: the operand
-  may be overwritten before the tensor cores read it;
+* a copy (or a register store) into shared memory that an MMA or TMA store still in flight reads:
+  the operand may be overwritten before it is read;
+* an MMA or TMA store reading shared memory written from registers with no ``fence_async_shared``
+  since (the generic and async proxies are not ordered without it);
 * a token read before its group was retired, a wait that could never return, a copy or MMA still
   in flight when the program ends, a global access outside the tensor, an output written twice.
 
@@ -72,11 +76,16 @@ class _Program:
         self.num_warps = num_warps
         self.mma_in_flight: List["_Token"] = []
         self.barriers: List["_Barrier"] = []
+        self.stores_in_flight: List["_Shared"] = []  # TMA stores' sources, oldest first
+        self.unfenced: List["_Shared"] = []  # written from registers since the last proxy fence
 
     def copies_in_flight(self):
         return [c for bar in self.barriers for c in bar.copies]
 
-    def check_read(self, smem: "_Shared", what: str):
+    def check_read(self, smem: "_Shared", what: str, async_proxy: bool = True):
+        if async_proxy and any(w.overlaps(smem) for w in self.unfenced):
+            raise GluonHazard(f"program {self.pid}: {what} reads shared memory written from registers with no "
+                              "fence_async_shared since")
         for copy in self.copies_in_flight():
             if copy.target.overlaps(smem):
                 raise GluonHazard(f"program {self.pid}: {what} reads shared memory that a TMA copy (to {copy.coord}) "
@@ -87,6 +96,9 @@ class _Program:
             if any(operand.overlaps(smem) for operand in token.operands):
                 raise GluonHazard(f"program {self.pid}: {what} writes shared memory that a warpgroup MMA still in "
                                   "flight reads (retire it with warpgroup_mma_wait first)")
+        if any(source.overlaps(smem) for source in self.stores_in_flight):
+            raise GluonHazard(f"program {self.pid}: {what} writes shared memory that a TMA store still in flight "
+                              "reads (tma.store_wait first)")
         for copy in self.copies_in_flight():
             if copy.target.overlaps(smem):
                 raise GluonHazard(f"program {self.pid}: {what} writes shared memory that a TMA copy (to {copy.coord}) "
@@ -98,6 +110,8 @@ class _Program:
         copies = self.copies_in_flight()
         if copies:
             raise GluonHazard(f"program {self.pid} ended with TMA copies never waited on (to {copies[0].coord})")
+        if self.stores_in_flight:
+            raise GluonHazard(f"program {self.pid} ended with TMA stores never waited on (tma.store_wait)")
 
 
 _current: List[_Program] = []
@@ -203,12 +217,14 @@ class _Shared:
         return _Shared(self.data.permute([_int(n) for n in order]))
 
     def load(self, layout=None):
-        _program().check_read(self, "a shared-memory load")
+        _program().check_read(self, "a shared-memory load", async_proxy=False)
         return self.data.clone()
 
     def store(self, value):
-        _program().check_write(self, "a shared-memory store")
+        program = _program()
+        program.check_write(self, "a shared-memory store")
         self.data.copy_(value)
+        program.unfenced.append(self)
 
 
 class _Copy:
@@ -314,19 +330,30 @@ class _Descriptor:
         self.shape = list(desc.shape)
         self.block_type = self._BlockType(list(desc.block_shape), self.dtype)
 
-    def tile(self, coord) -> torch.Tensor:
-        """The block at ``coord``: zeros where it lies outside the tensor (TMA's out-of-bounds fill)."""
-        block = self.block_type.shape
-        out = torch.zeros(block, dtype=self.dtype)
-        src, dst = [], []
-        for c, b, n in zip(coord, block, self.shape):
+    def _window(self, coord):
+        """(tensor slices, block slices) of the block at ``coord`` that lie inside the tensor; None if none do."""
+        inside, block = [], []
+        for c, b, n in zip(coord, self.block_type.shape, self.shape):
             lo, hi = max(c, 0), min(c + b, n)
             if lo >= hi:
-                return out
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - c, hi - c))
-        out[tuple(dst)] = self.tensor[tuple(src)]
+                return None
+            inside.append(slice(lo, hi))
+            block.append(slice(lo - c, hi - c))
+        return tuple(inside), tuple(block)
+
+    def tile(self, coord) -> torch.Tensor:
+        """The block at ``coord``: zeros where it lies outside the tensor (TMA's out-of-bounds fill)."""
+        out = torch.zeros(self.block_type.shape, dtype=self.dtype)
+        window = self._window(coord)
+        if window is not None:
+            out[window[1]] = self.tensor[window[0]]
         return out
+
+    def write(self, coord, block: torch.Tensor) -> None:
+        """Store ``block`` at ``coord``; what lies outside the tensor is dropped (TMA stores clip)."""
+        window = self._window(coord)
+        if window is not None:
+            self.tensor[window[0]] = block[window[1]]
 
 
 def _tma_load(desc: _Descriptor, coord, barrier: _Barrier, result: _Shared, pred=True, multicast=False):
@@ -343,6 +370,26 @@ def _tma_load(desc: _Descriptor, coord, barrier: _Barrier, result: _Shared, pred
     barrier.copies.append(_Copy(result, coord, barrier.completed))
     barrier.tx -= desc.block_type.nbytes
     barrier._maybe_complete()
+
+
+def _tma_store(desc: _Descriptor, coord, src: _Shared):
+    program = _program()
+    if src.shape != desc.block_type.shape or src.dtype != desc.dtype:
+        raise GluonHazard(f"program {program.pid}: TMA store of {src.shape} {src.dtype} shared memory as a "
+                          f"{desc.block_type.shape} {desc.dtype} block")
+    program.check_read(src, "a TMA store")
+    desc.write([_int(c) for c in coord], src.data)
+    program.stores_in_flight.append(src)
+
+
+def _tma_store_wait(pendings, read_only=True):
+    program = _program()
+    keep = _int(pendings)
+    program.stores_in_flight = program.stores_in_flight[max(len(program.stores_in_flight) - keep, 0):] if keep else []
+
+
+def _fence_async_shared(cluster=False):
+    _program().unfenced.clear()
 
 
 class _Token:
@@ -445,7 +492,8 @@ _gl = types.SimpleNamespace(
 )
 _mbarrier = types.SimpleNamespace(MBarrierLayout=_MBarrierLayout, init=_mbarrier_init, invalidate=_mbarrier_invalidate,
                                   expect=_mbarrier_expect, arrive=_mbarrier_arrive, wait=_mbarrier_wait)
-_tma = types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_load=_tma_load)
+_tma = types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_load=_tma_load,
+                             async_copy_shared_to_global=_tma_store, async_store=_tma_store, store_wait=_tma_store_wait)
 
 
 def _stand_ins() -> Dict[int, Any]:
@@ -454,7 +502,8 @@ def _stand_ins() -> Dict[int, Any]:
     from triton.experimental.gluon.language.nvidia import hopper
 
     return {id(gl): _gl, id(hopper.mbarrier): _mbarrier, id(hopper.tma): _tma,
-            id(hopper.warpgroup_mma): _warpgroup_mma, id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait}
+            id(hopper.warpgroup_mma): _warpgroup_mma, id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
+            id(hopper.fence_async_shared): _fence_async_shared}
 
 
 def _emulated(fn, cache: Dict[int, Any]):
