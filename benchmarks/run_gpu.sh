@@ -25,7 +25,7 @@ python3 -m stepfuse.cli info | tee "$OUT/info.txt"
 # configuration takes minutes in one process; pytest-xdist spreads it over the cores), then timings.
 # (bounded in time: a kernel that deadlocks on its barriers must not take the whole call with it)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-# The Gluon kernel (Hopper only) is tried alone first, every configuration against the reference:
+# The Gluon kernels (Hopper only) are tried alone first, every configuration against the reference:
 # should it fail or hang there, its tests and benchmark columns are left out and the rest still runs.
 skip=(); nogluon=()
 timeout 120 python3 -c "
@@ -33,10 +33,10 @@ import sys, torch
 sys.path.insert(0, '$repo/tests')
 import test_attention_triton as t
 if torch.cuda.get_device_capability()[0] == 9:
-    for config in t._gluon_configs():
+    for choice in t._gluon_choices():
         t._compare(2, 3, 777, 1290, 128, 128, 0.6, torch.bfloat16, 'bshd', device='cuda',
-                   attention=t._gluon_attention(config), empty_rows=True)
-        print('gluon', config, 'matches the reference', flush=True)
+                   attention=t._gluon_attention(choice), empty_rows=True)
+        print('gluon', choice, 'matches the reference', flush=True)
 " > "$OUT/gluon_smoke.log" 2>&1
 gluon_rc=$?
 tail -6 "$OUT/gluon_smoke.log"

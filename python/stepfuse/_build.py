@@ -45,6 +45,6 @@ def _sparse_attention() -> dict:
     else:
         cuda = "Triton kernel" + ("" if torch.cuda.is_available() else " (no GPU visible)")
         if os.environ.get("STEPFUSE_ATTENTION_GLUON") == "1":
-            cuda += ", and on Hopper the Gluon kernel where measured faster (STEPFUSE_ATTENTION_GLUON=1)"
+            cuda += ", and on Hopper the Gluon kernels where measured faster (STEPFUSE_ATTENTION_GLUON=1)"
     fallbacks = "; ".join(f"{reason} ({count} calls)" for reason, count in FALLBACKS.most_common()) or "none"
     return {"sparse_attention": f"cpu: {cpu}; cuda: {cuda}; {SUPPORTED}", "sparse_attention_fallbacks": fallbacks}

@@ -349,15 +349,14 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if gluon_views is not None:
         from . import gluon_kernel
 
-        def run_gluon(config):
-            gluon_kernel.launch(*gluon_views, kv_num_blocks, kv_indices, qk_scale, block_size, config)
+        def run_gluon(choice):
+            gluon_kernel.run(choice, *gluon_views, kv_num_blocks, kv_indices, qk_scale, block_size)
 
         choice = _GLUON_TUNED.get(tuned_key)
         if choice is None:
-            # Measured, not assumed: the Gluon kernel runs only where it beats the autotuned Triton one.
+            # Measured, not assumed: a Gluon kernel runs only where it beats the autotuned Triton one.
             candidates = {"triton": run_triton}
-            candidates.update({c: functools.partial(run_gluon, c) for c in gluon_kernel.CONFIGS
-                               if c[0] <= block_size and c[1] <= block_size})
+            candidates.update({c: functools.partial(run_gluon, c) for c in gluon_kernel.candidates(block_size)})
             choice = _GLUON_TUNED[tuned_key] = _fastest(candidates)
         if choice != "triton":
             run_gluon(choice)
@@ -366,14 +365,15 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out
 
 
-#: Per key (as for ``_TUNED``), where the Gluon kernel is enabled: its fastest configuration
-#: ``(BLOCK_M, BLOCK_N, num_warps, stages)``, or ``"triton"`` where the Triton kernel is faster.
+#: Per key (as for ``_TUNED``), where the Gluon kernels are enabled: the fastest of their
+#: ``(kernel, configuration)`` pairs (``gluon_kernel.candidates``), or ``"triton"`` where the
+#: Triton kernel is faster.
 _GLUON_TUNED: dict = {}
 
 
 def _gluon_views(q, out, tma_views, layout, block_size, kv_indices):
-    """``(q, k, v, out)`` as (B, H, S, D) views when the Gluon kernel
-    (:mod:`stepfuse.attention.gluon_kernel`) may take this call, else None.  It is turned on by
+    """``(q, k, v, out)`` as (B, H, S, D) views when the Gluon kernels
+    (:mod:`stepfuse.attention.gluon_kernel`) may take this call, else None.  They are turned on by
     ``STEPFUSE_ATTENTION_GLUON=1`` and needs a Hopper GPU (sm_90: warpgroup MMA), float16/bfloat16,
     head dim 64 or 128, mask blocks of at least 64 and descriptor-readable q, k and v."""
     if os.environ.get("STEPFUSE_ATTENTION_GLUON") != "1" or tma_views is None or kv_indices.shape[-1] == 0 \
