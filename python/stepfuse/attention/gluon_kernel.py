@@ -351,6 +351,9 @@ def block_sparse_fwd_ws(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, qk_scale,
         mbarrier.init(v_empty.index(s), count=2)
     mbarrier.arrive(turns.index(0))  # consumer 0 issues first
 
+    # Consumer 0 runs in the program's own 4 warps, consumer 1 in 4 more, the producer in 1; the
+    # producer gives its registers up (24 per thread) to the consumers' accumulators (240), as in
+    # FlashAttention-3.
     gl.warp_specialize([(_ws_consumer, (q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turns, O, sob,
                                         soh, sos, b, h, q_row, S_Q, S_KV, idx_row, sik, n, qk_scale, 0, MASK_BLOCK,
                                         HEAD_DIM, EVEN_KV, BLOCK_N, SPLIT_N, STAGES)),
