@@ -628,7 +628,7 @@ class _FakeGluon:
 
     @staticmethod
     def candidates(block):
-        return [("overlap", c) for c in ((128, 64, 4, 2), (64, 64, 4, 2)) if c[0] <= block] + \
+        return [("overlap", c) for c in ((128, 64, 4, 2), (64, 64, 4, 2)) if max(c[:2]) <= block] + \
             ([("pingpong", (128, 2))] if block >= 128 else [])
 
     def run(self, choice, q, k, v, out, num, idx, qk_scale, block):

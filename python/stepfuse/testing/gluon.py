@@ -76,12 +76,11 @@ def _span(t: torch.Tensor) -> Tuple[int, int]:
 
 
 class _Program:
-    """One program: its mbarriers and TMA copies, and the partitions running it (one, the whole
-    program, outside ``gl.warp_specialize``)."""
+    """One program: its TMA copies and the partitions running it (one, the whole program, outside
+    ``gl.warp_specialize``)."""
 
-    def __init__(self, pid: Tuple[int, int, int], grid: Tuple[int, int, int], num_warps: int):
-        self.pid, self.grid, self.num_warps = pid, grid, num_warps
-        self.barriers: List["_Barrier"] = []
+    def __init__(self, pid: Tuple[int, int, int], grid: Tuple[int, int, int]):
+        self.pid, self.grid = pid, grid
         self.copies: List["_Copy"] = []  # TMA copies, each with the partitions that waited for it
         self.unfenced: List[Tuple["_Part", "_Shared"]] = []  # register writes not yet fenced, by writer
         self.parts: List["_Part"] = []
@@ -305,7 +304,6 @@ def _allocate_shared_memory(dtype, shape, layout=None, value=None):
     if isinstance(layout, _MBarrierLayout):
         group: List[_Barrier] = []
         group.extend(_Barrier(group) for _ in range(math.prod(shape)))
-        _program().barriers.extend(group)
         return group[0]
     data = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
     if value is not None:
@@ -769,7 +767,7 @@ def emulate(kernel, grid: Sequence[int], args: Sequence[Any], meta: Dict[str, An
     for z in range(grid[2]):
         for y in range(grid[1]):
             for x in range(grid[0]):
-                program = _Program((x, y, z), tuple(grid), num_warps)
+                program = _Program((x, y, z), tuple(grid))
                 program.schedule, program.seed = schedule, seed
                 _local.part = _Part(program, 0, num_warps)
                 try:
