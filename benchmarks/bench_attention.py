@@ -3,7 +3,7 @@
 1. Kernels: ``stepfuse.ops.block_sparse_attention`` (C++ on the CPU, Triton on a GPU) at block
    densities 100/50/25/20/10% against dense ``scaled_dot_product_attention`` under every SDPA
    backend this machine has, and (GPU) FlexAttention compiled with the same block mask; on a
-   Hopper GPU also the opt-in Gluon kernel at its fastest configuration.  Random
+   Hopper GPU also the opt-in Gluon kernels, each at its fastest configuration.  Random
    block masks keep the same number of key blocks in every row (the diagonal included).
    TFLOP/s count the work done: ``4 B H S^2 D`` times the density for the sparse rows.
 2. Mask building: stepfuse's builders against FlexAttention's ``create_block_mask`` given the same

@@ -26,7 +26,7 @@ python3 -m stepfuse.cli info | tee "$OUT/info.txt"
 # (bounded in time: a kernel that deadlocks on its barriers must not take the whole call with it)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # The Gluon kernels (Hopper only) are tried alone first, every configuration against the reference:
-# should it fail or hang there, its tests and benchmark columns are left out and the rest still runs.
+# should one fail or hang there, their tests and benchmark columns are left out and the rest still runs.
 skip=(); nogluon=()
 timeout 120 python3 -c "
 import sys, torch
@@ -50,7 +50,7 @@ timeout 300 python3 -m pytest "$repo/tests/test_attention_triton.py" "$repo/test
 python3 "$repo/benchmarks/bench_attention.py" --device cuda --out "$OUT/results" "${nogluon[@]}" 2>&1 \
   | tee "$OUT/bench_attention.log" | tail -60
 if [ $gluon_rc -eq 0 ]; then
-  # the library's dispatch with the Gluon kernel enabled: its measured choice per shape
+  # the library's dispatch with the Gluon kernels enabled: its measured choice per shape
   STEPFUSE_ATTENTION_GLUON=1 python3 "$repo/benchmarks/bench_attention.py" --device cuda --parts kernels \
     --head-dims 128 --out "$OUT/results-gluon-dispatch" 2>&1 | tee "$OUT/bench_attention_gluon.log" | tail -30
 fi

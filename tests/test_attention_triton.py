@@ -371,28 +371,35 @@ def test_gluon_compiled_launch_matches_triton_dispatch(recording_driver, s, h, d
     assert first[:3] == (-(-s // (choice[1][0] if choice[0] == "overlap" else 128)), h, 1)
 
 
+def _compile_for_sm90(source_cls, fn, signature: dict, constants: dict, unaligned, **options):
+    """``fn`` compiled ahead of time for sm_90 with the specialisation contiguous inputs get at run
+    time: ``constants`` as constexprs, the other arguments 32-bit integers (``signature`` names the
+    rest) divisible by 16, except those in ``unaligned``."""
+    from triton.backends.compiler import GPUTarget
+
+    names = fn.arg_names
+    signature = {**{name: "i32" for name in names}, **signature, **{name: "constexpr" for name in constants}}
+    aligned = [n for n in names if n not in constants and n not in unaligned]
+    source = source_cls(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def compile_for_hopper(tiles, tma: bool, even: bool, d: int = 128, dtype: str = "bf16"):
     """The kernel compiled ahead of time for sm_90 (PTX and ptxas' cubin), no GPU needed, with the
     specialisation Triton gives contiguous inputs at run time: unit strides as constants, pointers
     and the other integers marked divisible by 16."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from stepfuse.attention.triton_kernel import _kernel
 
     block_m, block_n, warps, stages = tiles
-    fn = _kernel(128, False)
-    names = fn.arg_names
-    signature = {name: "i32" for name in names}
-    signature.update(Q=f"*{dtype}", O=f"*{dtype}", KV_NUM="*i32", KV_IDX="*i32", qk_scale="fp32")
+    signature = dict(Q=f"*{dtype}", O=f"*{dtype}", KV_NUM="*i32", KV_IDX="*i32", qk_scale="fp32")
     signature.update({n: f"tensordesc<{dtype}[1,1,{block_n},{d}]>" if tma else f"*{dtype}" for n in ("K", "V")})
     constants = dict(MASK_BLOCK=128, HEAD_DIM=d, IEEE=False, EVEN_KV=even, EVEN_D=even, TMA=tma, BLOCK_M=block_m,
                      BLOCK_N=block_n, sqd=1, skd=1, svd=1, sod=1, snm=1, sik=1)
-    signature.update({name: "constexpr" for name in constants})
-    aligned = [n for n in names if n not in constants and n not in ("K", "V", "qk_scale")]
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return _compile_for_sm90(ASTSource, _kernel(128, False), signature, constants, ("K", "V", "qk_scale"),
+                             num_warps=warps, num_stages=stages)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
@@ -502,35 +509,26 @@ def compile_gluon_for_hopper(config, d=128, even=True, dtype="bf16", mask_block=
     """A Gluon kernel (``kind``: overlap or pingpong) compiled ahead of time for sm_90, with the
     specialisation contiguous inputs get at run time (unit index strides as constants, the other
     integers divisible by 16)."""
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon import language as gl
 
+    gluon_kernel = _gluon()
     if kind == "overlap":
-        fn = _gluon().block_sparse_fwd
+        fn = gluon_kernel.block_sparse_fwd
         block_m, block_n, warps, stages = config
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
     else:  # a program's 128 queries come as two 64-row halves, one per consumer warpgroup
-        fn = _gluon().block_sparse_fwd_ws
+        fn = gluon_kernel.block_sparse_fwd_ws
         (block_n, stages), block_m, warps = config, 64, 4
         tiles = dict(BLOCK_N=block_n, STAGES=stages)
-    names = fn.arg_names
-    element = gl.bfloat16 if dtype == "bf16" else gl.float16
 
-    def descriptor(rows):
-        block = [1, 1, rows, d]
-        layout = gl.NVMMASharedLayout.get_default_for(block, element)
-        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+    def descriptor(rows):  # the descriptors gluon_kernel.descriptors builds
+        return f"tensordesc<{dtype}[1, 1, {rows}, {d}],{gluon_kernel._tile_layout(rows, d, dtype == 'bf16')!r}>"
 
-    signature = {name: "i32" for name in names}
-    signature.update(q_desc=descriptor(block_m), k_desc=descriptor(block_n), v_desc=descriptor(block_n),
+    signature = dict(q_desc=descriptor(block_m), k_desc=descriptor(block_n), v_desc=descriptor(block_n),
                      O=f"*{dtype}", KV_NUM="*i32", KV_IDX="*i32", qk_scale="fp32")
     constants = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=even, **tiles, snm=1, sik=1)
-    signature.update({name: "constexpr" for name in constants})
-    aligned = [n for n in names if n not in constants and n not in ("q_desc", "k_desc", "v_desc", "qk_scale")]
-    source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return _compile_for_sm90(GluonASTSource, fn, signature, constants, ("q_desc", "k_desc", "v_desc", "qk_scale"),
+                             num_warps=warps)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
@@ -730,10 +728,11 @@ def _gluon_attention(choice, module=None):
 
 def _emulate(monkeypatch, module, schedule="lazy", seed=0):
     """``module``'s kernel launches run by the CPU emulator of :mod:`stepfuse.testing.gluon`."""
+    import functools
+
     from stepfuse.testing import gluon as emulator
 
-    monkeypatch.setattr(module, "launch_compiled", lambda kernel, grid, key, args, meta: emulator.emulate(
-        kernel, grid, args, meta, schedule, seed))
+    monkeypatch.setattr(module, "launch_compiled", functools.partial(emulator.launcher, schedule=schedule, seed=seed))
     return emulator
 
 

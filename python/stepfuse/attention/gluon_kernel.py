@@ -209,22 +209,30 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int,
             for t, rows in ((q, block_m), (k, block_n), (v, block_n))]
 
 
+def _launch(kernel, config, q, k, v, out, kv_num_blocks, kv_indices, qk_scale, mask_block, q_rows: int,
+            program_rows: int, block_n: int, **tiles) -> None:
+    """Launch ``kernel`` on ``(B, H, S, D)`` views: query tiles of ``q_rows`` rows copied by TMA, a
+    program per ``program_rows`` queries, key tiles of ``block_n``; ``tiles`` its other constexprs
+    and ``num_warps``."""
+    b, h, s_q, d = q.shape
+    s_kv = k.shape[2]
+    ints = (out.stride(0), out.stride(1), out.stride(2), *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv)
+    args = (*descriptors(q, k, v, q_rows, block_n), out, kv_num_blocks, kv_indices, qk_scale, *ints)
+    meta = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=s_kv % mask_block == 0, BLOCK_N=block_n, **tiles)
+    # everything the compiled kernel is specialised on: dtypes, integers, alignments, tiles (launch_compiled)
+    key = (kernel.fn.__name__, config, mask_block, q.dtype, q.device.index, ints,
+           *((tuple(t.shape), t.stride()) for t in (q, k, v)),
+           *(t.data_ptr() % 16 == 0 for t in (out, kv_num_blocks, kv_indices)))
+    launch_compiled(kernel, (-(-s_q // program_rows), b * h, 1), key, args, meta)
+
+
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, kv_num_blocks: torch.Tensor,
            kv_indices: torch.Tensor, qk_scale: float, mask_block: int, config: Tuple[int, int, int, int]) -> None:
     """Run the kernel on ``(B, H, S, D)`` views (``out`` likewise) with ``config`` =
     ``(BLOCK_M, BLOCK_N, num_warps, stages)``; ``qk_scale`` is the softmax scale times log2(e), positive."""
     block_m, block_n, warps, stages = config
-    b, h, s_q, d = q.shape
-    s_kv = k.shape[2]
-    ints = (out.stride(0), out.stride(1), out.stride(2), *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv)
-    args = (*descriptors(q, k, v, block_m, block_n), out, kv_num_blocks, kv_indices, qk_scale, *ints)
-    meta = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=s_kv % mask_block == 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                STAGES=stages, num_warps=warps)
-    # everything the compiled kernel is specialised on: dtypes, integers, alignments, tiles (launch_compiled)
-    key = ("gluon", config, mask_block, q.dtype, q.device.index, ints,
-           *((tuple(t.shape), t.stride()) for t in (q, k, v)),
-           *(t.data_ptr() % 16 == 0 for t in (out, kv_num_blocks, kv_indices)))
-    launch_compiled(block_sparse_fwd, (-(-s_q // block_m), b * h, 1), key, args, meta)
+    _launch(block_sparse_fwd, config, q, k, v, out, kv_num_blocks, kv_indices, qk_scale, mask_block, block_m, block_m,
+            block_n, BLOCK_M=block_m, STAGES=stages, num_warps=warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,16 +387,8 @@ def launch_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     """:func:`launch` for the warp-specialised kernel, ``config = (BLOCK_N, stages)``; mask blocks
     of at least 128 tokens (a program's 128 queries share one row of the mask)."""
     block_n, stages = config
-    b, h, s_q, d = q.shape
-    s_kv = k.shape[2]
-    ints = (out.stride(0), out.stride(1), out.stride(2), *kv_num_blocks.stride(), *kv_indices.stride(), h, s_q, s_kv)
-    args = (*descriptors(q, k, v, 64, block_n), out, kv_num_blocks, kv_indices, qk_scale, *ints)
-    meta = dict(MASK_BLOCK=mask_block, HEAD_DIM=d, EVEN_KV=s_kv % mask_block == 0, BLOCK_N=block_n, STAGES=stages,
-                num_warps=4)
-    key = ("gluon-ws", config, mask_block, q.dtype, q.device.index, ints,
-           *((tuple(t.shape), t.stride()) for t in (q, k, v)),
-           *(t.data_ptr() % 16 == 0 for t in (out, kv_num_blocks, kv_indices)))
-    launch_compiled(block_sparse_fwd_ws, (-(-s_q // 128), b * h, 1), key, args, meta)
+    _launch(block_sparse_fwd_ws, config, q, k, v, out, kv_num_blocks, kv_indices, qk_scale, mask_block, 64, 128,
+            block_n, STAGES=stages, num_warps=4)
 
 
 def candidates(mask_block: int):

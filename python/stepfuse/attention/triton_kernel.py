@@ -182,6 +182,11 @@ def _capability(index: Optional[int]) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` as a (B, H, S, D) view."""
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
 def _tma_views(k, v, layout):
     """``k`` and ``v`` as (B, H, S, D) views when the bulk copy engine can read them through tensor
     descriptors (a Hopper or newer GPU, a Triton with host-side descriptors, 16-byte aligned base
@@ -193,7 +198,7 @@ def _tma_views(k, v, layout):
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:  # a Triton without host-side descriptors
         return None
-    views = [t if layout == "bhsd" else t.transpose(1, 2) for t in (k, v)]
+    views = [_bhsd(t, layout) for t in (k, v)]
     return views if all(map(_descriptor_readable, views)) else None
 
 
@@ -374,13 +379,13 @@ _GLUON_TUNED: dict = {}
 def _gluon_views(q, out, tma_views, layout, block_size, kv_indices):
     """``(q, k, v, out)`` as (B, H, S, D) views when the Gluon kernels
     (:mod:`stepfuse.attention.gluon_kernel`) may take this call, else None.  They are turned on by
-    ``STEPFUSE_ATTENTION_GLUON=1`` and needs a Hopper GPU (sm_90: warpgroup MMA), float16/bfloat16,
+    ``STEPFUSE_ATTENTION_GLUON=1`` and need a Hopper GPU (sm_90: warpgroup MMA), float16/bfloat16,
     head dim 64 or 128, mask blocks of at least 64 and descriptor-readable q, k and v."""
     if os.environ.get("STEPFUSE_ATTENTION_GLUON") != "1" or tma_views is None or kv_indices.shape[-1] == 0 \
             or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128) or block_size < 64 \
             or _capability(q.device.index)[0] != 9:
         return None
-    qv, ov = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, out))
+    qv, ov = _bhsd(q, layout), _bhsd(out, layout)
     if not _descriptor_readable(qv) or ov.stride(3) != 1:  # out is written through pointers
         return None
     try:
@@ -479,8 +484,7 @@ def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, 
                         f"{q.dtype}/{k.dtype} on {q.device}/{k.device}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{op}: block_size must be a positive int, got {block_size!r}")
-    bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
-    qv, kv = bhsd(q), bhsd(k)
+    qv, kv = _bhsd(q, layout), _bhsd(k, layout)
     if qv.shape[:2] != kv.shape[:2] or qv.shape[3] != kv.shape[3]:
         raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
     b, h, s_q, d = qv.shape

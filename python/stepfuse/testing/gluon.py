@@ -79,13 +79,12 @@ class _Program:
     """One program: its TMA copies and the partitions running it (one, the whole program, outside
     ``gl.warp_specialize``)."""
 
-    def __init__(self, pid: Tuple[int, int, int], grid: Tuple[int, int, int]):
-        self.pid, self.grid = pid, grid
+    def __init__(self, pid: Tuple[int, int, int], grid: Tuple[int, int, int], schedule: str, seed: int):
+        self.pid, self.grid, self.schedule, self.seed = pid, grid, schedule, seed
         self.copies: List["_Copy"] = []  # TMA copies, each with the partitions that waited for it
         self.unfenced: List[Tuple["_Part", "_Shared"]] = []  # register writes not yet fenced, by writer
         self.parts: List["_Part"] = []
         self.scheduler: Optional["_Scheduler"] = None  # inside gl.warp_specialize
-        self.schedule, self.seed = "lazy", 0
 
     def hazard(self, message: str) -> GluonHazard:
         return GluonHazard(f"program {self.pid}: {message}")
@@ -459,7 +458,7 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
         raise program.hazard(f"warpgroup MMA of {a_val.dtype} x {b.dtype} into {acc.dtype}")
     if a_val.shape[1] != b.data.shape[0] or tuple(acc.shape) != (a_val.shape[0], b.data.shape[1]):
         raise program.hazard(f"warpgroup MMA shapes {tuple(a_val.shape)} x {tuple(b.data.shape)} "
-                          f"-> {tuple(acc.shape)}")
+                             f"-> {tuple(acc.shape)}")
     value = a_val.float() @ b.data.float()  # never-written shared memory is NaN: garbage in, garbage out
     if _bool(use_acc):
         value = value + acc
@@ -767,8 +766,7 @@ def emulate(kernel, grid: Sequence[int], args: Sequence[Any], meta: Dict[str, An
     for z in range(grid[2]):
         for y in range(grid[1]):
             for x in range(grid[0]):
-                program = _Program((x, y, z), tuple(grid))
-                program.schedule, program.seed = schedule, seed
+                program = _Program((x, y, z), tuple(grid), schedule, seed)
                 _local.part = _Part(program, 0, num_warps)
                 try:
                     fn(*args, **meta)
